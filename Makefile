@@ -1,0 +1,38 @@
+# heatmark — set-up, tests, benchmarks.
+#   make setup                 create .venv with torch pinned, install heatmark (editable) + dev extras
+#   make test                  setup, then run the test suite
+#   make bench                 setup, then run the benchmark scripts in bench/
+# Override the torch pin:      make test TORCH=torch==2.9.1
+# torch is installed first and then used as a pip constraint, so no later install can replace it
+# (a plain `torch` requirement would pull several GB of CUDA wheels on a CPU machine).
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.heatmark-setup
+CONSTRAINTS := $(VENV)/constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	echo "$(TORCH)" > $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -c "import torch, monai, heatmark, heatmark.transforms, heatmark.networks; print('heatmark', heatmark.__version__, '| torch', torch.__version__, '| monai', monai.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/heatmaps.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

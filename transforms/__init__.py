@@ -1,0 +1,1 @@
+"""MONAI transforms for landmark localization (array transforms and dictionary wrappers)."""
