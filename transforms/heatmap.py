@@ -97,5 +97,6 @@ class GaussianHeatmapd(MapTransform):
         for key, out_key in self.key_iterator(d, self.heatmap_keys):
             voxel = world_to_voxel(as_landmark_tensor(d[key]), ref.affine)
             hm = self.generator(voxel, spatial_shape, affine=ref.affine)
-            d[out_key] = MetaTensor(hm, affine=ref.affine.clone(), meta=dict(ref.meta))
+            meta = {k: v for k, v in ref.meta.items() if k != "affine"}
+            d[out_key] = MetaTensor(hm, affine=ref.affine.clone(), meta=meta)
         return d

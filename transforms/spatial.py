@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Flip, MapTransform, Randomizable, Transform
-from monai.utils import ensure_tuple_rep
+from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
 from heatmark.geometry import spacing_from_affine, voxel_to_world, world_to_voxel
 from heatmark.transforms.points import as_landmark_tensor
@@ -137,9 +137,7 @@ class RandLandmarkElastic(Randomizable, Transform):
         if tuple(image.shape[1:]) != tuple(self.field.shape[1:]):
             raise ValueError(f"image grid {tuple(image.shape[1:])} differs from the field's {tuple(self.field.shape[1:])}")
         out = _warp(torch.as_tensor(image), self.field.to(image.device), mode or self.mode, self.padding_mode)
-        if isinstance(image, MetaTensor):
-            out = MetaTensor(out, affine=image.affine, meta=image.meta)
-        return out
+        return convert_to_dst_type(out, dst=image)[0]  # same grid: affine and meta carry over
 
     def map_points(self, points_voxel: torch.Tensor) -> torch.Tensor:
         """Move voxel landmarks ``(N, D)`` of the input grid to the deformed grid (float64).
