@@ -1,1 +1,44 @@
-"""MONAI transforms for landmark localization (array transforms and dictionary wrappers)."""
+"""MONAI transforms for landmark localization: array transforms and dictionary wrappers.
+
+Landmarks travel through the data dictionary as float64 ``(N, D)`` world coordinates (mm, RAS);
+MONAI's spatial transforms (Spacingd, Orientationd, RandAffined, Resized, crops, pads, Flipd) act
+on the image and record themselves in its affine, and :class:`WorldToVoxeld` derives voxel
+positions from the final affine. The transforms here cover what MONAI cannot: loading images with
+physical spacing, landmark files, elastic deformation with landmarks, flips that swap left/right
+pairs, exact Gaussian heatmaps, and robust intensity normalisation.
+"""
+
+from heatmark.transforms.heatmap import GaussianHeatmap, GaussianHeatmapd
+from heatmark.transforms.intensity import RobustNormalize, RobustNormalized
+from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage, LoadLandmarkImaged
+from heatmark.transforms.points import (
+    LoadLandmarks,
+    LoadLandmarksd,
+    VoxelToWorld,
+    VoxelToWorldd,
+    WorldToVoxel,
+    WorldToVoxeld,
+    as_landmark_tensor,
+)
+from heatmark.transforms.spatial import RandLandmarkElastic, RandLandmarkElasticd, RandLandmarkFlipd, SwapLandmarkPairs
+
+__all__ = [
+    "GaussianHeatmap",
+    "GaussianHeatmapd",
+    "ImageLoadError",
+    "LoadLandmarkImage",
+    "LoadLandmarkImaged",
+    "LoadLandmarks",
+    "LoadLandmarksd",
+    "RandLandmarkElastic",
+    "RandLandmarkElasticd",
+    "RandLandmarkFlipd",
+    "RobustNormalize",
+    "RobustNormalized",
+    "SwapLandmarkPairs",
+    "VoxelToWorld",
+    "VoxelToWorldd",
+    "WorldToVoxel",
+    "WorldToVoxeld",
+    "as_landmark_tensor",
+]
