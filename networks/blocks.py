@@ -1,0 +1,267 @@
+"""Shared building blocks of the heatmap networks: one code path for 2D and 3D.
+
+Everything here is ``spatial_dims``-generic: convolutions and pooling layers come from MONAI's
+layer factories (``Conv[Conv.CONV, spatial_dims]``, ``Pool[Pool.AVG, spatial_dims]``),
+activations from :func:`monai.networks.layers.utils.get_act_layer`. This module imports only
+torch and MONAI.
+
+Shapes: ``B`` batch, ``C`` channels, ``N`` landmarks, ``D`` spatial dims (2 or 3), ``*S`` spatial
+size (``D`` values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_act_layer
+from torch import nn
+
+__all__ = [
+    "ActType",
+    "HeatmapNetwork",
+    "act_layer",
+    "avg_pool",
+    "check_spatial_dims",
+    "conv",
+    "crop_to",
+    "init_heatmap_conv_",
+    "init_hidden_conv_",
+    "lcm",
+    "pad_to_multiple",
+    "resize",
+    "resolve_upsample_mode",
+    "tuple_rep",
+]
+
+#: An activation as accepted by :func:`monai.networks.layers.utils.get_act_layer`:
+#: a name (``"relu"``) or a ``(name, kwargs)`` tuple (``("leakyrelu", {"negative_slope": 0.1})``).
+ActType = str | tuple[str, dict[str, Any]]
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    """Return ``spatial_dims`` if it is 2 or 3, else raise ``ValueError``."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def tuple_rep(value: int | Sequence[int], spatial_dims: int, name: str = "value") -> tuple[int, ...]:
+    """``value`` as a tuple of ``spatial_dims`` ints (an int is repeated)."""
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    out = tuple(int(v) for v in value)
+    if len(out) != spatial_dims:
+        raise ValueError(f"{name} needs {spatial_dims} values (one per spatial axis), got {value!r}")
+    return out
+
+
+def conv(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    padding_mode: str = "zeros",
+    bias: bool = True,
+) -> nn.Module:
+    """A 'same'-padded convolution ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+
+    Built with MONAI's ``Conv[Conv.CONV, spatial_dims]`` factory; kernel sizes must be odd so
+    that the output stays aligned with the input voxel grid.
+    """
+    k = tuple_rep(kernel_size, spatial_dims, "kernel_size")
+    if any(ki < 1 or ki % 2 == 0 for ki in k):
+        raise ValueError(f"kernel sizes must be odd and positive (same padding), got {k}")
+    conv_type = Conv[Conv.CONV, spatial_dims]
+    return conv_type(
+        in_channels,
+        out_channels,
+        kernel_size=k,
+        padding=tuple(ki // 2 for ki in k),
+        padding_mode=padding_mode,
+        bias=bias,
+    )
+
+
+def avg_pool(spatial_dims: int, factor: int | Sequence[int]) -> nn.Module:
+    """Average pooling by ``factor`` (kernel = stride = factor), MONAI ``Pool[Pool.AVG, dims]``.
+
+    ``(B, C, *S) -> (B, C, *floor(S / factor))``.
+    """
+    f = tuple_rep(factor, spatial_dims, "factor")
+    return Pool[Pool.AVG, spatial_dims](kernel_size=f, stride=f)
+
+
+def act_layer(act: ActType) -> nn.Module:
+    """An activation module from a MONAI activation spec (see :data:`ActType`)."""
+    return get_act_layer(act)
+
+
+def _negative_slope(act: ActType) -> float:
+    """Slope of the negative part of ``act`` for He initialisation (0 for ReLU)."""
+    if isinstance(act, tuple) and str(act[0]).lower() in ("leakyrelu", "leaky_relu"):
+        return float(act[1].get("negative_slope", 0.01))
+    if isinstance(act, str) and act.lower() in ("leakyrelu", "leaky_relu"):
+        return 0.01
+    return 0.0
+
+
+def init_hidden_conv_(module: nn.Module, act: ActType = "relu") -> None:
+    """He (Kaiming normal, fan-in) initialisation of a hidden conv/linear layer, zero bias."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return
+    nn.init.kaiming_normal_(weight, a=_negative_slope(act), mode="fan_in", nonlinearity="leaky_relu")
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_heatmap_conv_(module: nn.Module, std: float) -> None:
+    """Initialise a heatmap-output conv: truncated normal (2 std) with ``std``, zero bias.
+
+    Payer et al. (2019) use std 1e-4 (2D) / 1e-3 (3D) for the two heatmap-producing convolutions
+    of the SpatialConfiguration-Net; without it the product of the two does not train.
+    """
+    nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int], mode: str = "replicate") -> torch.Tensor:
+    """Pad the spatial axes of ``x`` (B, C, *S) at their END up to multiples of ``multiple``.
+
+    Padding only at the end keeps voxel ``i`` of the input at index ``i``: crop the output back
+    with :func:`crop_to` and coordinates are unchanged. ``mode`` is passed to ``F.pad``
+    (``"replicate"``, ``"reflect"``, ``"constant"`` (zeros)). Returns ``x`` itself when no padding
+    is needed.
+    """
+    spatial = x.shape[2:]
+    pads = [(-int(s)) % int(m) for s, m in zip(spatial, multiple)]
+    if not any(pads):
+        return x
+    flat: list[int] = []
+    for p in reversed(pads):  # F.pad wants the last axis first
+        flat += [0, p]
+    if mode == "reflect" and any(p >= int(s) for p, s in zip(pads, spatial)):
+        mode = "replicate"  # reflect padding needs pad < size
+    return F.pad(x, flat, mode=mode)
+
+
+def crop_to(x: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """Crop the spatial axes of ``x`` (B, C, *S') to their first ``spatial_size`` voxels."""
+    if tuple(x.shape[2:]) == tuple(spatial_size):
+        return x
+    index = (slice(None), slice(None)) + tuple(slice(0, int(s)) for s in spatial_size)
+    return x[index]
+
+
+_LINEAR = {2: "bilinear", 3: "trilinear"}
+
+
+def resolve_upsample_mode(mode: str, spatial_dims: int, default_cubic: bool = False) -> str:
+    """Normalise an upsampling mode name for ``spatial_dims``.
+
+    Accepted: ``"auto"`` (cubic in 2D / linear in 3D when ``default_cubic`` is true, else linear),
+    ``"linear"``, ``"bilinear"``, ``"trilinear"``, ``"cubic"``, ``"bicubic"``, ``"tricubic"``,
+    ``"nearest"``. Returns one of ``"linear"``, ``"cubic"``, ``"nearest"``.
+    """
+    m = mode.lower()
+    if m == "auto":
+        return "cubic" if (default_cubic and spatial_dims == 2) else "linear"
+    if m in ("linear", "bilinear", "trilinear"):
+        return "linear"
+    if m in ("cubic", "bicubic", "tricubic"):
+        return "cubic"
+    if m == "nearest":
+        return "nearest"
+    raise ValueError(
+        f"unknown upsampling mode {mode!r}; use 'auto', 'linear' (bi/trilinear), 'cubic' or 'nearest'"
+    )
+
+
+def resize(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    """Resize ``x`` (B, C, *S) to ``size`` with half-pixel geometry (``align_corners=False``).
+
+    ``mode`` is ``"linear"`` (bi/trilinear), ``"cubic"`` (bicubic, Keys a=-0.75 as in
+    ``F.interpolate``; in 3D it is evaluated separably: bicubic over the last two axes, then
+    bicubic over the first axis with the others kept, which is exact tricubic because a cubic
+    resample with scale 1 and half-pixel centres is the identity) or ``"nearest"``. With the
+    half-pixel convention, resizing by an integer factor after average pooling by the same
+    factor keeps every voxel centre where it was.
+    """
+    size = tuple(int(s) for s in size)
+    spatial_dims = x.dim() - 2
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    if mode == "linear":
+        return F.interpolate(x, size=size, mode=_LINEAR[spatial_dims], align_corners=False)
+    if mode != "cubic":
+        raise ValueError(f"unknown resize mode {mode!r}")
+    if spatial_dims == 2:
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    b, c, d, h, w = x.shape
+    y = F.interpolate(x.reshape(b, c * d, h, w), size=size[1:], mode="bicubic", align_corners=False)
+    y = y.reshape(b, c, d, size[1] * size[2])
+    y = F.interpolate(y, size=(size[0], size[1] * size[2]), mode="bicubic", align_corners=False)
+    return y.reshape(b, c, size[0], size[1], size[2])
+
+
+def lcm(values: Sequence[int]) -> int:
+    """Least common multiple of positive ints."""
+    out = 1
+    for v in values:
+        out = out * int(v) // math.gcd(out, int(v))
+    return out
+
+
+class HeatmapNetwork(nn.Module):
+    """Base class of the landmark networks: common attributes, no layers.
+
+    Attributes:
+        spatial_dims: 2 or 3.
+        in_channels: number of input channels ``C``.
+        num_landmarks: number of landmarks ``N`` (output heatmap channels).
+        output_stride: per spatial axis, input voxels per output voxel (1s except for
+            :class:`~heatmark.networks.DownsamplingNet`).
+        output_offset: per spatial axis, input voxel coordinate of output voxel 0; output voxel
+            ``j`` is centred on input voxel ``j * output_stride + output_offset`` (0 for
+            full-resolution nets; ``(stride - 1) / 2`` for average-pooled outputs).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_landmarks: int) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        if in_channels < 1 or num_landmarks < 1:
+            raise ValueError(
+                f"in_channels and num_landmarks must be >= 1, got {in_channels} and {num_landmarks}"
+            )
+        self.in_channels = int(in_channels)
+        self.num_landmarks = int(num_landmarks)
+        self.output_stride: tuple[int, ...] = (1,) * self.spatial_dims
+        self.output_offset: tuple[float, ...] = (0.0,) * self.spatial_dims
+
+    def output_spatial_size(self, input_spatial_size: Sequence[int]) -> tuple[int, ...]:
+        """Spatial size of the output for an input of ``input_spatial_size``."""
+        return tuple(int(s) // st for s, st in zip(input_spatial_size, self.output_stride))
+
+    def output_to_input_voxel(self, coords: torch.Tensor) -> torch.Tensor:
+        """Map voxel coordinates (..., D) on the output grid to input voxel coordinates."""
+        stride = torch.as_tensor(self.output_stride, dtype=coords.dtype, device=coords.device)
+        offset = torch.as_tensor(self.output_offset, dtype=coords.dtype, device=coords.device)
+        return coords * stride + offset
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} with spatial_dims={self.spatial_dims} expects input "
+                f"(B, C, {', '.join('S' + str(i) for i in range(self.spatial_dims))}), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}"
+            )
