@@ -43,6 +43,7 @@ __all__ = [
     "normalize_by_reference",
     "measure",
     "match_points",
+    "radius_key",
 ]
 
 #: Success detection radii in mm (ISBI 2015 cephalometry and most landmark papers).
@@ -72,8 +73,8 @@ def _missing(points: np.ndarray) -> np.ndarray:
     return ~np.isfinite(points).all(axis=-1)
 
 
-def _key(radius: float) -> str:
-    """``2.0 -> "2"``, ``2.5 -> "2.5"``: radii as they appear in summary keys."""
+def radius_key(radius: float) -> str:
+    """``2.0 -> "2"``, ``2.5 -> "2.5"``: radii as they appear in summary keys (``sdr_2.5mm``)."""
     return f"{float(radius):g}"
 
 
@@ -121,11 +122,11 @@ def _statistics(errors: np.ndarray, radii: Sequence[float], outlier_radii: Seque
         "max": stat(np.max),
     }
     for r in radii:
-        out[f"sdr_{_key(r)}mm"] = pct(int((valid <= r).sum()))
+        out[f"sdr_{radius_key(r)}mm"] = pct(int((valid <= r).sum()))
     for r in outlier_radii:
         count = int((valid > r).sum())
-        out[f"outliers_{_key(r)}mm"] = count
-        out[f"outliers_pct_{_key(r)}mm"] = pct(count)
+        out[f"outliers_{radius_key(r)}mm"] = count
+        out[f"outliers_pct_{radius_key(r)}mm"] = pct(count)
     return out
 
 

@@ -1,0 +1,455 @@
+"""MONAI engines for landmark heatmap regression.
+
+- :class:`LandmarkPrepareBatch` hands the network the image and the loss the landmarks' voxel
+  positions on the input grid ``(B, N, D)`` (targets are rendered on the device by the loss).
+- :class:`LandmarkTrainer` is MONAI's ``SupervisedTrainer`` with mixed precision on the engine's
+  own device type (bf16 autocast also on CPU; fp16 with a grad scaler on CUDA), the loss computed
+  in float32 outside autocast, and non-finite losses or gradients detected: the step is skipped
+  and counted, and training stops with a clear error after ``max_nonfinite`` in a row.
+- :class:`LandmarkEvaluator` is ``SupervisedEvaluator`` with the same autocast rule.
+- :class:`DecodeLandmarksd` (postprocessing) decodes predicted heatmaps into voxel and world
+  positions, confidences and point errors in mm; :class:`LandmarkErrorMetric` reduces them for the
+  engines' metrics; :class:`EvaluationWriter` writes the evaluation files at the end of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.metrics import Metric
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.handlers import CheckpointSaver
+from monai.transforms import MapTransform
+from monai.utils import CommonKeys as Keys
+
+from heatmark.decoding import decode_heatmaps
+from heatmark.metrics import DEFAULT_OUTLIER_RADII, DEFAULT_RADII, point_errors, radius_key, summarize
+
+__all__ = [
+    "LandmarkPrepareBatch",
+    "LandmarkTrainer",
+    "LandmarkEvaluator",
+    "DecodeLandmarksd",
+    "LandmarkErrorMetric",
+    "EvaluationWriter",
+    "NonFiniteError",
+    "autocast_context",
+    "latest_checkpoint",
+    "AtomicDiskSaver",
+    "AtomicCheckpointSaver",
+    "TrainingCheckpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def _amp_dtype(amp_kwargs: Mapping[str, Any] | None, device: torch.device) -> torch.dtype:
+    dtype = (amp_kwargs or {}).get("dtype")
+    if isinstance(dtype, str):
+        dtype = _AMP_DTYPES[dtype.lower()]
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type == "cpu" and dtype != torch.bfloat16:
+        raise ValueError("mixed precision on CPU supports bfloat16 only (amp_kwargs={'dtype': 'bfloat16'})")
+    return dtype
+
+
+def autocast_context(device: torch.device | str, enabled: bool, amp_kwargs: Mapping[str, Any] | None = None):
+    """``torch.autocast`` on ``device``'s type (MONAI's engines hard-code ``"cuda"``)."""
+    device = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_amp_dtype(amp_kwargs, device))
+
+
+class LandmarkPrepareBatch(PrepareBatch):
+    """``(image, landmarks_voxel)`` from a collated batch dictionary, moved to ``device``."""
+
+    def __init__(self, image_key: str = "image", target_key: str = "landmarks_voxel"):
+        self.image_key = image_key
+        self.target_key = target_key
+
+    def __call__(self, batchdata: Mapping[Hashable, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        target = torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking)
+        return image, target
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all())
+
+
+class LandmarkTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for heatmap regression; same arguments plus:
+
+    Args:
+        nonfinite_policy: ``"skip"`` (skip the optimiser step, count it) or ``"raise"`` (stop at
+            the first non-finite loss or gradient).
+        max_nonfinite: with ``"skip"``, stop with :class:`NonFiniteError` after this many
+            consecutive non-finite steps.
+
+    ``amp=True`` autocasts on the engine's device: ``amp_kwargs={"dtype": "bfloat16"}`` (default
+    on CPU) or ``"float16"`` (default on CUDA, with a gradient scaler). Counters land in
+    ``engine.state.metrics`` as ``nonfinite_steps`` and the mean predicted peak of the last
+    iteration in ``engine.state.output["peak"]`` (watch it: collapse to zero is the trivial optimum).
+    """
+
+    def __init__(self, *args: Any, nonfinite_policy: str = "skip", max_nonfinite: int = 10, **kwargs: Any):
+        if nonfinite_policy not in ("skip", "raise"):
+            raise ValueError(f"nonfinite_policy must be 'skip' or 'raise', got {nonfinite_policy!r}")
+        amp_kwargs = dict(kwargs.pop("amp_kwargs", None) or {})
+        device = torch.device(kwargs.get("device", args[0] if args else "cpu"))
+        if kwargs.get("amp"):
+            amp_kwargs["dtype"] = _amp_dtype(amp_kwargs, device)
+        super().__init__(*args, amp_kwargs=amp_kwargs, **kwargs)
+        use_scaler = self.amp and device.type == "cuda" and amp_kwargs.get("dtype") == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.nonfinite_policy = nonfinite_policy
+        self.max_nonfinite = int(max_nonfinite)
+        self.state.nonfinite_steps = 0
+        self.state.nonfinite_in_a_row = 0
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _nonfinite(self, what: str) -> None:
+        self.state.nonfinite_steps += 1
+        self.state.nonfinite_in_a_row += 1
+        self.state.metrics["nonfinite_steps"] = self.state.nonfinite_steps
+        msg = (f"non-finite {what} at epoch {self.state.epoch}, iteration {self.state.iteration}: step skipped "
+               f"({self.state.nonfinite_in_a_row} in a row, {self.state.nonfinite_steps} in total)")
+        if self.nonfinite_policy == "raise" or self.state.nonfinite_in_a_row >= self.max_nonfinite:
+            raise NonFiniteError(msg + "; stopping. Lower the learning rate, check the data, or disable amp.")
+        logger.warning(msg)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
+                                               **engine.to_kwargs)[:2]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with autocast_context(engine.state.device, engine.amp, engine.amp_kwargs):
+            pred = engine.inferer(inputs, engine.network)
+        engine.state.output[Keys.PRED] = pred
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = engine.loss_function(pred, targets).mean()  # the loss casts to float32 itself
+        engine.state.output[Keys.LOSS] = loss
+        engine.state.output["peak"] = float(pred.detach().float().flatten(2).amax(-1).mean())
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not torch.isfinite(loss):
+            self._nonfinite("loss")
+            return engine.state.output
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.scaler.unscale_(engine.optimizer)
+            if not _grads_finite(self._params()):
+                self.scaler.update()  # lowers the scale; the step is skipped
+                self._nonfinite("gradient")
+                return engine.state.output
+            self.scaler.step(engine.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if not _grads_finite(self._params()):
+                self._nonfinite("gradient")
+                return engine.state.output
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        self.state.nonfinite_in_a_row = 0
+        return engine.state.output
+
+
+class LandmarkEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` whose ``amp`` autocasts on the engine's device type (bf16 on CPU)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        amp_kwargs = dict(kwargs.pop("amp_kwargs", None) or {})
+        device = torch.device(kwargs.get("device", args[0] if args else "cpu"))
+        if kwargs.get("amp"):
+            amp_kwargs["dtype"] = _amp_dtype(amp_kwargs, device)
+        super().__init__(*args, amp_kwargs=amp_kwargs, **kwargs)
+
+    def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
+                                               **engine.to_kwargs)[:2]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        with engine.mode(engine.network), autocast_context(engine.state.device, engine.amp, engine.amp_kwargs):
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class DecodeLandmarksd(MapTransform):
+    """Postprocessing: decode predicted heatmaps of a batch into landmarks.
+
+    Reads ``d[pred_key]`` ``(B, N, *S)``, the input image ``d[image_key]`` (its affine maps input
+    voxels to world), and optionally the true world landmarks ``d[truth_key]`` ``(B, N, D)``.
+    Writes ``pred_voxel`` (input grid), ``pred_world`` (mm, RAS), ``confidence`` ``(B, N)`` and, with
+    truth, ``errors_mm`` ``(B, N)`` (NaN where the truth is missing, inf where nothing was detected).
+
+    Args:
+        method, window: refinement, see :func:`heatmark.decoding.decode_heatmaps`.
+        output_stride: the network's output stride (``network.output_stride`` where it has one).
+    """
+
+    def __init__(self, pred_key: str = Keys.PRED, image_key: str = Keys.IMAGE, truth_key: str | None = "landmarks",
+                 method: str = "quadratic", window: int = 1, output_stride: Sequence[int] | None = None):
+        super().__init__(pred_key, allow_missing_keys=False)
+        self.pred_key, self.image_key, self.truth_key = pred_key, image_key, truth_key
+        self.method, self.window = method, window
+        self.output_stride = tuple(output_stride) if output_stride is not None else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            raise ValueError(f"d[{self.image_key!r}] carries no affine: cannot map landmarks to world coordinates")
+        pred = d[self.pred_key]
+        if affine.ndim == 2:
+            affine = affine.unsqueeze(0).expand(pred.shape[0], -1, -1)
+        dec = decode_heatmaps(torch.as_tensor(pred).detach(), method=self.method, window=self.window,
+                              output_stride=self.output_stride, affine=affine.to(pred.device))
+        d["pred_voxel"] = dec.voxel
+        d["pred_world"] = dec.world
+        d["confidence"] = dec.confidence
+        if self.truth_key is not None and self.truth_key in d:
+            truth = torch.as_tensor(d[self.truth_key]).detach().to(torch.float64).cpu().numpy()
+            d["errors_mm"] = point_errors(dec.world.cpu().numpy(), truth)
+        return d
+
+
+def _gather_rows(errors: np.ndarray) -> np.ndarray:
+    """Concatenate the error rows of all ranks when running distributed (equal-size shards not needed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return errors
+    from monai.utils import evenly_divisible_all_gather
+
+    return evenly_divisible_all_gather(torch.as_tensor(errors, dtype=torch.float64), concat=True).cpu().numpy()
+
+
+class LandmarkErrorMetric(Metric):
+    """One statistic of the point errors (mm) over an epoch, from ``errors_mm`` of the engine output.
+
+    Args:
+        statistic: ``"mean"`` (MRE), ``"sd"``, ``"median"``, ``"max"``, ``"sdr"`` (share in percent of
+            landmarks with error <= ``radius`` mm, among those present in the truth) or
+            ``"outliers"`` (count of errors > ``radius`` mm).
+        radius: for ``"sdr"`` and ``"outliers"``.
+    """
+
+    STATISTICS = ("mean", "sd", "median", "max", "sdr", "outliers", "outliers_pct")
+
+    def __init__(self, statistic: str = "mean", radius: float | None = None,
+                 output_transform: Callable = lambda out: out["errors_mm"], device: str | torch.device = "cpu"):
+        if statistic not in self.STATISTICS:
+            raise ValueError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
+        if statistic in ("sdr", "outliers", "outliers_pct") and radius is None:
+            raise ValueError(f"statistic {statistic!r} needs a radius in mm")
+        self.statistic, self.radius = statistic, radius
+        self._rows: list[np.ndarray] = []
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._rows = []
+
+    def update(self, output: Any) -> None:
+        self._rows.append(np.asarray(output, dtype=np.float64).reshape(-1, np.asarray(output).shape[-1]))
+
+    def compute(self) -> float:
+        if not self._rows:
+            return float("nan")
+        errors = _gather_rows(np.concatenate(self._rows))
+        radii = () if self.radius is None else (self.radius,)
+        s = summarize(errors, radii=radii, outlier_radii=radii)
+        if self.statistic in ("sdr", "outliers", "outliers_pct"):
+            return float(s[f"{self.statistic}_{radius_key(self.radius)}mm"])
+        return float(s[self.statistic])
+
+
+class EvaluationWriter:
+    """Collect decoded landmarks over an evaluation run and write the evaluation files at the end.
+
+    Attach to an evaluator whose postprocessing includes :class:`DecodeLandmarksd`. At
+    ``EPOCH_COMPLETED`` it writes (atomically) ``metrics.json``, ``per_landmark.csv``, ``errors.csv``,
+    ``predictions.csv`` and plots to ``output_dir`` through :func:`heatmark.reports.write_evaluation`
+    and keeps the paths in ``engine.state.evaluation_files``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, names: Sequence[str], case_key: str = "case",
+                 truth_key: str = "landmarks", radii: Sequence[float] = DEFAULT_RADII,
+                 outlier_radii: Sequence[float] = DEFAULT_OUTLIER_RADII):
+        self.output_dir = Path(output_dir)
+        self.names = list(names)
+        self.case_key, self.truth_key = case_key, truth_key
+        self.radii, self.outlier_radii = tuple(radii), tuple(outlier_radii)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cases: list[str] = []
+        self.pred: list[np.ndarray] = []
+        self.truth: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        out, batch = engine.state.output, engine.state.batch
+        pred = torch.as_tensor(out["pred_world"]).cpu().numpy()
+        cases = batch.get(self.case_key) if isinstance(batch, Mapping) else None
+        n = pred.shape[0]
+        self.cases.extend([str(c) for c in cases] if cases is not None else [str(len(self.cases) + i) for i in range(n)])
+        self.pred.append(pred)
+        if isinstance(batch, Mapping) and self.truth_key in batch:
+            self.truth.append(torch.as_tensor(batch[self.truth_key]).double().cpu().numpy())
+
+    def write(self, engine: Engine) -> None:
+        from heatmark.reports import write_evaluation
+
+        pred = np.concatenate(self.pred) if self.pred else np.zeros((0, len(self.names), 2))
+        truth = np.concatenate(self.truth) if self.truth else None
+        errors = point_errors(pred, truth) if truth is not None else None
+        engine.state.evaluation_files = write_evaluation(
+            self.output_dir, errors, self.cases, self.names, pred, truth, radii=self.radii,
+            outlier_radii=self.outlier_radii)
+
+
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """Path of the most recent complete training checkpoint in ``directory`` (highest iteration
+    in ignite's ``<prefix>_<name>=<number>.pt`` names), or None. Temporary files are ignored."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    best: tuple[int, str] | None = None
+    for p in d.glob(f"{prefix}*.pt"):
+        digits = "".join(ch if ch.isdigit() else " " for ch in p.stem).split()
+        step = int(digits[-1]) if digits else -1
+        if best is None or step > best[0]:
+            best = (step, str(p))
+    return None if best is None else best[1]
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler writing every checkpoint to a temporary file and renaming it, with the
+    destination's usual permissions (ignite's own atomic mode leaves files readable by the owner
+    only, which is why MONAI turns it off); a fixed ``filename`` replaces ignite's names."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None):
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        from heatmark.fileio import atomic_path
+
+        path = self.dirname / (self.filename or filename)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def remove(self, filename: str) -> None:
+        path = self.dirname / (self.filename or filename)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically, so a run
+    killed at any moment leaves either the previous checkpoint or the new one, never half of one."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for attr, fixed in (("_final_checkpoint", self._final_filename),
+                            ("_key_metric_checkpoint", kwargs.get("key_metric_filename")),
+                            ("_interval_checkpoint", None)):
+            ckpt = getattr(self, attr)
+            if ckpt is not None:
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, fixed)
+
+
+class TrainingCheckpoint:
+    """Save the whole training state every ``save_interval`` epochs, atomically, and resume from it.
+
+    The saved objects are ``save_dict`` (network, optimizer, scheduler, loss with its learned sigma,
+    ...) plus the trainer itself (epoch and iteration counters), which is added when the handler is
+    attached, so a bundle config needs no circular reference to the trainer. With ``resume=True``
+    the newest complete checkpoint in ``save_dir`` is loaded at the start of the run
+    (``torch.load(weights_only=True)``: a checkpoint holding arbitrary pickled objects is refused)
+    and training continues from its epoch and iteration; without a checkpoint it starts afresh.
+
+    Files: ``<save_dir>/<file_prefix>_iteration=<k>.pt``, ``n_saved`` kept. In distributed runs
+    every rank loads and only rank 0 saves (``save=False`` elsewhere).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], resume: bool = False,
+                 save_interval: int = 1, n_saved: int = 1, file_prefix: str = "checkpoint",
+                 map_location: str | torch.device | None = None, save: bool = True):
+        self.save = bool(save)
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.resume = bool(resume)
+        self.save_interval = int(save_interval)
+        self.n_saved = n_saved
+        self.file_prefix = file_prefix
+        self.map_location = map_location
+        self.to_save: dict[str, Any] = {}
+        self.loaded_from: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import Checkpoint
+
+        self.to_save = {**self.save_dict, "trainer": engine}
+        self.saver = Checkpoint(self.to_save, AtomicDiskSaver(self.save_dir), filename_prefix=self.file_prefix,
+                                n_saved=self.n_saved, global_step_transform=lambda e, _: e.state.iteration)
+        if self.save:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.saver)
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+
+    def load(self, engine: Engine) -> None:
+        from ignite.handlers import Checkpoint
+
+        path = latest_checkpoint(self.save_dir, self.file_prefix)
+        if path is None:
+            logger.info("resume requested but no checkpoint in %s: starting from scratch", self.save_dir)
+            return
+        try:
+            checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - surface as one clear message
+            raise RuntimeError(f"cannot resume from {path}: {e}") from e
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise ValueError(f"checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs={prior_max_epochs}; "
+                             "raise max_epochs to train further")
+        engine.state.max_epochs = prior_max_epochs
+        self.loaded_from = path
+        logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
