@@ -306,7 +306,10 @@ class EvaluationWriter:
 
     def __init__(self, output_dir: str | os.PathLike, names: Sequence[str], case_key: str = "case",
                  truth_key: str = "landmarks", radii: Sequence[float] = DEFAULT_RADII,
-                 outlier_radii: Sequence[float] = DEFAULT_OUTLIER_RADII):
+                 outlier_radii: Sequence[float] = DEFAULT_OUTLIER_RADII, overlays: int = 3,
+                 image_key: str = Keys.IMAGE):
+        self.overlays = int(overlays)
+        self.image_key = image_key
         self.output_dir = Path(output_dir)
         self.names = list(names)
         self.case_key, self.truth_key = case_key, truth_key
@@ -317,6 +320,7 @@ class EvaluationWriter:
         self.cases: list[str] = []
         self.pred: list[np.ndarray] = []
         self.truth: list[np.ndarray] = []
+        self.images: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # (case, image, affine, row)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._reset())
@@ -329,19 +333,32 @@ class EvaluationWriter:
         cases = batch.get(self.case_key) if isinstance(batch, Mapping) else None
         n = pred.shape[0]
         self.cases.extend([str(c) for c in cases] if cases is not None else [str(len(self.cases) + i) for i in range(n)])
+        image = out.get(self.image_key)
+        first_row = len(self.cases) - n
+        for i in range(n):
+            if len(self.images) >= self.overlays or image is None:
+                break
+            affine = image.affine[i] if image.affine.ndim == 3 else image.affine
+            self.images.append((self.cases[first_row + i], image[i, 0].detach().float().cpu().numpy(),
+                                affine.detach().cpu().numpy(), first_row + i))
         self.pred.append(pred)
         if isinstance(batch, Mapping) and self.truth_key in batch:
             self.truth.append(torch.as_tensor(batch[self.truth_key]).double().cpu().numpy())
 
     def write(self, engine: Engine) -> None:
-        from heatmark.reports import write_evaluation
+        from heatmark.fileio import safe_case_name
+        from heatmark.reports import plot_overlay, write_evaluation
 
         pred = np.concatenate(self.pred) if self.pred else np.zeros((0, len(self.names), 2))
         truth = np.concatenate(self.truth) if self.truth else None
         errors = point_errors(pred, truth) if truth is not None else None
-        engine.state.evaluation_files = write_evaluation(
-            self.output_dir, errors, self.cases, self.names, pred, truth, radii=self.radii,
-            outlier_radii=self.outlier_radii)
+        files = write_evaluation(self.output_dir, errors, self.cases, self.names, pred, truth, radii=self.radii,
+                                 outlier_radii=self.outlier_radii)
+        for case, image, affine, row in self.images:
+            files[f"overlay_{case}"] = plot_overlay(
+                image, affine, pred[row], self.output_dir / f"overlay_{safe_case_name(case)}.png",
+                truth_world=truth[row] if truth is not None else None, names=self.names, title=case)
+        engine.state.evaluation_files = files
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:

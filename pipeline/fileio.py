@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "TMP_PREFIX"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "safe_case_name", "TMP_PREFIX"]
 
 #: Prefix of the temporary files; anything starting with it in an output folder is debris of an
 #: interrupted write and may be deleted.
@@ -63,3 +64,17 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding=encoding, newline="") as f:
             f.write(text)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_case_name(name: str, max_length: int = 120) -> str:
+    """A case name usable as one file name inside an output folder.
+
+    Path separators, ``..``, leading dots and any character outside ``[A-Za-z0-9._-]`` are
+    replaced by ``_``, so a name derived from an input file can never point outside the folder.
+    """
+    s = _UNSAFE.sub("_", str(name)).strip("._") or "case"
+    s = s.replace("..", "_")
+    return s[:max_length]
