@@ -361,19 +361,23 @@ class EvaluationWriter:
         engine.state.evaluation_files = files
 
 
-def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """Path of the most recent complete training checkpoint in ``directory`` (highest iteration
-    in ignite's ``<prefix>_<name>=<number>.pt`` names), or None. Temporary files are ignored."""
+def _checkpoints_by_step(directory: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
+    """Checkpoint files ``<prefix>*<number>.pt`` in ``directory``, oldest (lowest number) first."""
     d = Path(directory)
     if not d.is_dir():
-        return None
-    best: tuple[int, str] | None = None
+        return []
+    found = []
     for p in d.glob(f"{prefix}*.pt"):
         digits = "".join(ch if ch.isdigit() else " " for ch in p.stem).split()
-        step = int(digits[-1]) if digits else -1
-        if best is None or step > best[0]:
-            best = (step, str(p))
-    return None if best is None else best[1]
+        found.append((int(digits[-1]) if digits else -1, p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """Path of the most recent complete training checkpoint in ``directory`` (highest iteration
+    in ignite's ``<prefix>_<name>_<number>.pt`` names), or None. Temporary files are ignored."""
+    found = _checkpoints_by_step(directory, prefix)
+    return str(found[-1]) if found else None
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -447,9 +451,16 @@ class TrainingCheckpoint:
         self.saver = Checkpoint(self.to_save, AtomicDiskSaver(self.save_dir), filename_prefix=self.file_prefix,
                                 n_saved=self.n_saved, global_step_transform=lambda e, _: e.state.iteration)
         if self.save:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.saver)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
+
+    def _save(self, engine: Engine) -> None:
+        self.saver(engine)
+        # checkpoints of an earlier (interrupted) run are not tracked by this saver: keep the newest
+        for old in _checkpoints_by_step(self.save_dir, self.file_prefix)[: -self.n_saved or None]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
 
     def load(self, engine: Engine) -> None:
         from ignite.handlers import Checkpoint
