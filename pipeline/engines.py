@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointSaver
 from monai.transforms import MapTransform
@@ -118,16 +119,22 @@ class LandmarkTrainer(SupervisedTrainer):
         if nonfinite_policy not in ("skip", "raise"):
             raise ValueError(f"nonfinite_policy must be 'skip' or 'raise', got {nonfinite_policy!r}")
         amp_kwargs = dict(kwargs.pop("amp_kwargs", None) or {})
+        amp = bool(kwargs.pop("amp", False))
         device = torch.device(kwargs.get("device", args[0] if args else "cpu"))
-        if kwargs.get("amp"):
+        if amp:
             amp_kwargs["dtype"] = _amp_dtype(amp_kwargs, device)
-        super().__init__(*args, amp_kwargs=amp_kwargs, **kwargs)
-        use_scaler = self.amp and device.type == "cuda" and amp_kwargs.get("dtype") == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        super().__init__(*args, amp=amp, amp_kwargs=amp_kwargs, **kwargs)
+        self._use_scaler = amp and device.type == "cuda" and amp_kwargs.get("dtype") == torch.float16
         self.nonfinite_policy = nonfinite_policy
         self.max_nonfinite = int(max_nonfinite)
         self.state.nonfinite_steps = 0
         self.state.nonfinite_in_a_row = 0
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run training; like MONAI's, but the gradient scaler exists only for fp16 on CUDA (MONAI
+        builds a CUDA scaler whenever ``amp`` is on, which bf16 and CPU runs do not want)."""
+        self.scaler = torch.amp.GradScaler("cuda") if self._use_scaler else None
+        Workflow.run(self)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
