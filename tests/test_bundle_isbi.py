@@ -135,3 +135,18 @@ def test_two_process_ddp_with_gloo(tmp_path):
     # validation errors gathered from both ranks: 2 cases x 19 landmarks
     assert "val_outliers_10mm: " in log
     assert (bundle / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["unet", "downsampling", "convonly", "scn2016"])
+def test_every_heatmap_network_trains_in_the_bundle(name, tmp_path):
+    """`network_def` overridden by registry name: one smoke epoch trains, validates and saves."""
+    data = require_shared_data("isbi2015")
+    bundle = tmp_path / "isbi2015_cephalometric"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    net = repr({"_target_": "heatmark.networks.get_network", "name": name, "spatial_dims": "@spatial_dims",
+                "in_channels": 1, "num_landmarks": "@num_landmarks", "filters": 4})
+    proc = run(bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+                          "--max_epochs", "1", "--network_def", net), cwd=tmp_path)
+    assert "val_mre" in proc.stdout + proc.stderr
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert state, "best model saved"
