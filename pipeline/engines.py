@@ -49,6 +49,8 @@ __all__ = [
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
     "TrainingCheckpoint",
+    "EarlyStopping",
+    "TimeLimit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -488,3 +490,59 @@ class TrainingCheckpoint:
         engine.state.max_epochs = prior_max_epochs
         self.loaded_from = path
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
+
+
+class EarlyStopping:
+    """Stop training when the validator's key metric has not improved for ``patience`` validations.
+
+    Attach to the trainer (``train#handlers``) after the ``ValidationHandler``; it reads the
+    validator's ``best_metric_epoch`` (MONAI tracks it with the evaluator's ``metric_cmp_fn``), so
+    no handler has to refer back to the trainer. ``patience <= 0`` disables it.
+    """
+
+    def __init__(self, validator: Engine, patience: int = 0, val_interval: int = 1):
+        self.validator = validator
+        self.patience = int(patience)
+        self.val_interval = max(1, int(val_interval))
+
+    def attach(self, engine: Engine) -> None:
+        if self.patience > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.val_interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
+        if best_epoch is None or best_epoch < 0:
+            return
+        stale = (engine.state.epoch - best_epoch) // self.val_interval
+        if stale >= self.patience:
+            logger.info("early stopping at epoch %d: no improvement of %s since epoch %d", engine.state.epoch,
+                        getattr(self.validator.state, "key_metric_name", "the key metric"), best_epoch)
+            engine.terminate()
+
+
+class TimeLimit:
+    """Stop training cleanly after ``minutes`` of wall time (checked after every iteration; the
+    epoch in progress is cut short, checkpoint handlers still run at the end). ``minutes <= 0``
+    disables it. Used by ``heatmark demo`` to bound training time."""
+
+    def __init__(self, minutes: float = 0.0):
+        self.minutes = float(minutes)
+        self._start: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.minutes > 0:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        import time
+
+        self._start = time.monotonic()
+
+    def __call__(self, engine: Engine) -> None:
+        import time
+
+        if self._start is not None and time.monotonic() - self._start >= 60.0 * self.minutes:
+            logger.info("time limit of %.1f min reached at epoch %d, iteration %d: stopping",
+                        self.minutes, engine.state.epoch, engine.state.iteration)
+            engine.terminate()

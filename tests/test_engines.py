@@ -183,3 +183,31 @@ def test_training_checkpoint_is_atomic_resumes_and_refuses_pickles(tmp_path, mon
     h4.attach(trainer4)
     with pytest.raises(RuntimeError, match="cannot resume"):
         trainer4.run()
+
+
+def test_early_stopping_after_patience_validations():
+    from heatmark.engines import EarlyStopping
+
+    validator = Engine(lambda e, b: None)
+    validator.state.best_metric_epoch = 2
+    trainer = Engine(lambda e, b: None)
+    EarlyStopping(validator, patience=3).attach(trainer)
+    trainer.run([0], max_epochs=10)
+    assert trainer.state.epoch == 5  # epochs 3, 4, 5 without improvement
+    trainer2 = Engine(lambda e, b: None)
+    EarlyStopping(validator, patience=0).attach(trainer2)
+    trainer2.run([0], max_epochs=6)
+    assert trainer2.state.epoch == 6
+
+
+def test_time_limit_terminates_training(monkeypatch):
+    import time as _time
+
+    from heatmark.engines import TimeLimit
+
+    clock = iter(range(0, 10_000, 30))  # every call advances 30 s
+    monkeypatch.setattr(_time, "monotonic", lambda: float(next(clock)))
+    trainer = Engine(lambda e, b: None)
+    TimeLimit(minutes=2).attach(trainer)
+    trainer.run(range(100), max_epochs=5)
+    assert trainer.state.iteration == 4  # 30 s per iteration, 120 s limit
