@@ -20,7 +20,7 @@ def test_console_script_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"heatmark {__version__}"
     out = subprocess.run([sys.executable, "-m", "heatmark", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("train", "evaluate", "ui"):
+    for cmd in ("train", "predict", "evaluate", "ui"):
         assert cmd in out.stdout
 
 
