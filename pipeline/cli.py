@@ -140,9 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
 
+    from heatmark.datasets import add_data_parser
+    from heatmark.demo import add_demo_parser
     from heatmark.predict import add_predict_parser
 
     add_predict_parser(sub)
+    add_demo_parser(sub)
+    add_data_parser(sub)
 
     p = sub.add_parser("evaluate", help="point errors in mm between two landmark tables",
                        description="Compare predicted with true landmarks (CSV/JSON tables in world mm): MRE, SDR, "

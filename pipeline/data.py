@@ -176,3 +176,42 @@ def check_datalist(datalist: Sequence[dict], num_landmarks: int | None = None, s
     if problems:
         raise DataCheckError(problems, source)
     return list(datalist)
+
+
+def deformation_datalist(image: str | os.PathLike, landmarks_file: str | os.PathLike, n: int, seed0: int = 0,
+                         names: Sequence[str] | None = None, spatial_dims: int | None = None) -> list[dict[str, Any]]:
+    """``n`` virtual cases of one annotated image, for training from random deformations of it.
+
+    Every entry holds the same image and the same landmarks (inline world mm, read once with
+    :func:`heatmark.landmarks.read_landmarks`) plus its own integer ``seed`` (``seed0 + i``) and
+    case name ``f"deform{seed}"``. Training ignores the seed (random augmentation draws a new
+    deformation every time); validation and evaluation pass the entries through
+    :class:`heatmark.transforms.augment.SeededRandomd`, which turns each seed into one fixed
+    deformation. Use disjoint seed ranges for training, validation and evaluation cases.
+
+    Args:
+        image: the image file.
+        landmarks_file: its landmarks (``.fcsv``, ``.mrk.json``, CSV, JSON).
+        n: number of entries.
+        seed0: seed of the first entry.
+        names: landmark names to select and order; a name absent from the file is an error (a typo
+            would otherwise become a silently missing landmark).
+        spatial_dims: expected dimensionality of the landmarks.
+    """
+    from heatmark.landmarks import read_landmarks
+
+    if int(n) < 0 or int(seed0) < 0:
+        raise ValueError(f"n and seed0 must be >= 0, got n={n}, seed0={seed0}")
+    lm = read_landmarks(landmarks_file, spatial_dims=spatial_dims)
+    if names is not None:
+        unknown = [nm for nm in names if nm not in lm.names]
+        if unknown:
+            raise DataCheckError([f"landmark {nm!r} is not in the file (it has: {', '.join(lm.names)})"
+                                  for nm in unknown], str(landmarks_file))
+        lm = lm.select(list(names))
+    coords = _coords_list(lm)
+    return [{"case": f"deform{seed}", "image": str(image), "landmarks": [list(r) for r in coords], "seed": seed}
+            for seed in range(int(seed0), int(seed0) + int(n))]
+
+
+__all__ += ["deformation_datalist"]

@@ -8,6 +8,7 @@ physical spacing, landmark files, elastic deformation with landmarks, flips that
 pairs, exact Gaussian heatmaps, and robust intensity normalisation.
 """
 
+from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
 from heatmark.transforms.heatmap import GaussianHeatmap, GaussianHeatmapd
 from heatmark.transforms.intensity import RobustNormalize, RobustNormalized
 from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage, LoadLandmarkImaged
@@ -30,11 +31,13 @@ __all__ = [
     "LoadLandmarkImaged",
     "LoadLandmarks",
     "LoadLandmarksd",
+    "MemoizeTransformd",
     "RandLandmarkElastic",
     "RandLandmarkElasticd",
     "RandLandmarkFlipd",
     "RobustNormalize",
     "RobustNormalized",
+    "SeededRandomd",
     "SwapLandmarkPairs",
     "VoxelToWorld",
     "VoxelToWorldd",

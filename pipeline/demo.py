@@ -1,0 +1,197 @@
+"""``heatmark demo``: the whole tool on real data in one command.
+
+3D (default): fetch the AFIDs brain MR template and its 32 expert landmarks the way a user would
+(``heatmark data afids``), train the ``afids_brain_mr`` bundle with its CPU overlay for a bounded
+time (MLflow-tracked), evaluate it on held-out deformations of the template, write a few more
+held-out deformed volumes to disk as NIfTI files, run ``heatmark predict`` over that folder, and
+compare the predictions with the known landmark positions (``heatmark evaluate``).
+
+Everything lands in one output folder; the bundle configs are copied there so that the trained
+model, checkpoints and the MLflow store stay out of the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_demo_parser", "cmd_demo", "run_demo", "write_deformed_cases"]
+
+BUNDLE_NAME = "afids_brain_mr"
+
+
+def _bundle_source() -> Path:
+    src = Path(__file__).resolve().parents[1] / "bundles" / BUNDLE_NAME
+    if not (src / "configs" / "train.yaml").is_file():
+        raise FileNotFoundError(f"the demo needs the repository's bundles/{BUNDLE_NAME} folder (looked in {src}); "
+                                "run it from a clone of heatmark installed with `make setup`")
+    return src
+
+
+def _say(step: str, text: str) -> None:
+    print(f"\n== {step}: {text}", flush=True)
+
+
+def _bundle_run(run_id: str, bundle: Path, configs: Sequence[str], **overrides: Any) -> None:
+    from monai.bundle import run
+
+    files = [str(bundle / "configs" / c) for c in configs]
+    run(run_id=run_id, bundle_root=str(bundle), meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=files, logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
+
+
+def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cases: int, seed0: int,
+                         configs: Sequence[str] = ("train.yaml",)) -> Path:
+    """Write ``num_cases`` random deformations of the template at its own 1 mm resolution as NIfTI
+    files, with their true landmarks (world mm, RAS) in ``truth.csv``; the deformation ranges are
+    the bundle's training ranges. Returns the truth table's path."""
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, RandAffined
+
+    from heatmark.fileio import atomic_path
+    from heatmark.landmarks import Landmarks, write_landmark_table
+    from heatmark.transforms import LoadLandmarkImaged, LoadLandmarksd, RandLandmarkElasticd
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / c) for c in configs])
+    parser["dataset_dir"] = str(dataset_dir)
+    get = parser.get_parsed_content
+    names = list(get("landmark_names"))
+    rot = math.radians(float(get("rotate_deg")))
+    deform = Compose([
+        LoadLandmarkImaged("image", spatial_dims=3),
+        LoadLandmarksd("landmarks", names=names, spatial_dims=3),
+        RandAffined("image", prob=1.0, rotate_range=(rot,) * 3, scale_range=(float(get("scale")),) * 3,
+                    translate_range=(float(get("translate_mm")),) * 3, padding_mode="zeros"),
+        RandLandmarkElasticd("image", "landmarks", prob=1.0, control_spacing_mm=float(get("elastic_spacing_mm")),
+                             magnitude_mm=float(get("elastic_mm"))),
+    ])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for i in range(num_cases):
+        case = f"heldout{i + 1:02d}"
+        deform.set_random_state(seed=seed0 + i)
+        d = deform({"image": get("image_file"), "landmarks": get("landmarks_file")})
+        image = d["image"]
+        with atomic_path(out_dir / f"{case}.nii.gz") as tmp:
+            nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), image.affine.numpy()), str(tmp))
+        table[case] = Landmarks(d["landmarks"].numpy(), names)
+    truth = out_dir / "truth.csv"
+    write_landmark_table(truth, table)
+    return truth
+
+
+def _print_table(per_landmark: list[dict], summary: dict) -> None:
+    print(f"{'landmark':<30} {'mean':>7} {'median':>7} {'max':>7}   (mm)")
+    for row in per_landmark:
+        print(f"{row['name']:<30} {row['mean']:7.2f} {row['median']:7.2f} {row['max']:7.2f}")
+    sdr = ", ".join(f"{k[4:-2]} mm: {v:.1f}%" for k, v in summary.items() if k.startswith("sdr_"))
+    print(f"\nMRE {summary['mean']:.2f} +- {summary['sd']:.2f} mm, median {summary['median']:.2f} mm, "
+          f"max {summary['max']:.2f} mm over {summary['n_valid']} landmarks")
+    print(f"SDR (error <= r): {sdr}")
+
+
+def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", data: str | None = None,
+             num_cases: int = 3, fresh: bool = False) -> int:
+    """Run the 3D demo; returns the exit status."""
+    import json
+
+    import numpy as np
+
+    from heatmark.datasets import fetch_afids, find_afids
+    from heatmark.landmarks import read_landmark_table
+    from heatmark.metrics import per_landmark_table, point_errors, summarize
+    from heatmark.predict import PredictOptions, run_predict
+    from heatmark.reports import write_evaluation
+
+    t0 = time.monotonic()
+    out = Path(output).resolve()
+    bundle = out / "bundle"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _say("1/5 data", "AFIDs: MNI152 2009c T1w template with 32 expert landmarks")
+    data_dir = Path(data).resolve() if data else fetch_afids()
+    find_afids(data_dir)
+    print(f"data in {data_dir}")
+
+    src = _bundle_source()
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    for f in (src / "configs").iterdir():
+        shutil.copy2(f, bundle / "configs" / f.name)
+    configs = ["train.yaml", "cpu.yaml"]
+
+    _say("2/5 train", f"bundle {BUNDLE_NAME} (CPU overlay), at most {minutes:g} min, tracked in MLflow")
+    _bundle_run("training", bundle, configs, dataset_dir=str(data_dir), tracking="mlflow",
+                time_limit_minutes=float(minutes))
+
+    _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)")
+    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", "cpu.yaml"], dataset_dir=str(data_dir),
+                tracking="mlflow")
+    eval_metrics = json.loads((bundle / "runs" / "eval" / "metrics.json").read_text())
+
+    _say("4/5 predict", f"heatmark predict over {num_cases} more held-out volumes written as NIfTI files")
+    cases_dir = out / "heldout_volumes"
+    truth_csv = write_deformed_cases(bundle, data_dir, cases_dir, num_cases, seed0=900_000, configs=configs)
+    pred_dir = out / "predictions"
+    summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=["cpu.yaml"],
+                                         overlays=True, overwrite=True))
+    print(summary.line())
+    if summary.failed:
+        return 1
+
+    _say("5/5 compare", "predicted vs. known landmark positions")
+    pred = read_landmark_table(pred_dir / "landmarks.csv")
+    truth = read_landmark_table(truth_csv)
+    cases = sorted(truth)
+    names = truth[cases[0]].names
+    p = np.stack([pred[c].select(names).coords for c in cases])
+    t = np.stack([truth[c].coords for c in cases])
+    errors = point_errors(p, t)
+    write_evaluation(out / "evaluation", errors, cases, names, p, t)
+    s = summarize(errors)
+    _print_table(per_landmark_table(errors, names), s)
+
+    print(f"\nheld-out evaluation of the bundle ({eval_metrics['n_cases']} deformations): "
+          f"MRE {eval_metrics['mean']:.2f} mm, SDR 4 mm {eval_metrics.get('sdr_4mm', float('nan')):.1f}%")
+    print("\noutputs:")
+    print(f"  predicted landmarks (CSV, RAS mm): {pred_dir / 'landmarks.csv'}")
+    print(f"  3D Slicer markups:                 {pred_dir}/<case>.mrk.json (open with the volume in {cases_dir})")
+    print(f"  overlays:                          {pred_dir}/<case>_overlay.png")
+    print(f"  error tables and plots:            {out / 'evaluation'}, {bundle / 'runs' / 'eval'}")
+    print(f"  trained model:                     {bundle / 'models' / 'model.pt'}")
+    print(f"  MLflow UI:                         heatmark ui {bundle / 'runs'}")
+    print(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="train, evaluate and predict on real MR data in one go",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=8.0, help="training time limit in minutes (default 8)")
+    p.add_argument("--output", default="heatmark-demo", help="output folder (default ./heatmark-demo)")
+    p.add_argument("--data", help="folder with the AFIDs template and .fcsv (default: fetch into the cache)")
+    p.add_argument("--cases", type=int, default=3, help="held-out volumes for heatmark predict (default 3)")
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from heatmark.datasets import DatasetFetchError
+
+    try:
+        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh)
+    except DatasetFetchError as e:
+        print(f"heatmark demo: {e}", file=sys.stderr)
+        return 1
