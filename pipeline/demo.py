@@ -101,8 +101,9 @@ def _print_table(per_landmark: list[dict], summary: dict) -> None:
 
 
 def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", data: str | None = None,
-             num_cases: int = 3, fresh: bool = False) -> int:
-    """Run the 3D demo; returns the exit status."""
+             num_cases: int = 3, fresh: bool = False, overlay: str = "cpu.yaml") -> int:
+    """Run the 3D demo; returns the exit status. ``overlay`` is the bundle overlay used for training,
+    evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``)."""
     import json
 
     import numpy as np
@@ -129,14 +130,14 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     for f in (src / "configs").iterdir():
         shutil.copy2(f, bundle / "configs" / f.name)
-    configs = ["train.yaml", "cpu.yaml"]
+    configs = ["train.yaml", overlay]
 
-    _say("2/5 train", f"bundle {BUNDLE_NAME} (CPU overlay), at most {minutes:g} min, tracked in MLflow")
+    _say("2/5 train", f"bundle {BUNDLE_NAME} ({overlay} overlay), at most {minutes:g} min, tracked in MLflow")
     _bundle_run("training", bundle, configs, dataset_dir=str(data_dir), tracking="mlflow",
                 time_limit_minutes=float(minutes))
 
     _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)")
-    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", "cpu.yaml"], dataset_dir=str(data_dir),
+    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", overlay], dataset_dir=str(data_dir),
                 tracking="mlflow")
     eval_metrics = json.loads((bundle / "runs" / "eval" / "metrics.json").read_text())
 
@@ -144,7 +145,7 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     cases_dir = out / "heldout_volumes"
     truth_csv = write_deformed_cases(bundle, data_dir, cases_dir, num_cases, seed0=900_000, configs=configs)
     pred_dir = out / "predictions"
-    summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=["cpu.yaml"],
+    summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=[overlay],
                                          overlays=True, overwrite=True))
     print(summary.line())
     if summary.failed:
@@ -183,6 +184,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder with the AFIDs template and .fcsv (default: fetch into the cache)")
     p.add_argument("--cases", type=int, default=3, help="held-out volumes for heatmark predict (default 3)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.add_argument("--overlay", default="cpu.yaml", help="bundle overlay for the run (default cpu.yaml; smoke.yaml: seconds)")
     p.set_defaults(func=cmd_demo)
     return p
 
@@ -191,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from heatmark.datasets import DatasetFetchError
 
     try:
-        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh)
+        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay)
     except DatasetFetchError as e:
         print(f"heatmark demo: {e}", file=sys.stderr)
         return 1

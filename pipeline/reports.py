@@ -318,8 +318,10 @@ def plot_overlay(
       coordinates; the image centre when no landmark is predicted): the plane of axes (0, 1) at
       the centroid's index 2, axes (0, 2) at index 1 and axes (1, 2) at index 0. *All* points are
       projected orthogonally onto each view and labelled, so points away from the slice are drawn
-      over anatomy of another depth. Axis 0 runs left to right in every view; the views holding
-      axis 2 show it upwards (origin at the lower left). Pixel aspect follows the voxel spacing.
+      over anatomy of another depth. Axis 0 runs left to right and the vertical axis upwards in every
+      view (origin at the lower left), so a RAS-oriented volume appears in neurological convention:
+      right on the right, anterior up in the axial view, superior up in the others. Pixel aspect
+      follows the voxel spacing.
 
     Args:
         image: ``(C, *S)`` (first channel shown) or ``(*S)`` array, tensor or MetaTensor.
@@ -365,7 +367,7 @@ def plot_overlay(
         centre = pred_v[ok].mean(axis=0) if ok.any() else (np.asarray(img.shape) - 1) / 2.0
         index = [int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(centre, img.shape)]
         # (horizontal axis, vertical axis, fixed axis, origin)
-        views = [(0, 1, 2, "upper"), (0, 2, 1, "lower"), (1, 2, 0, "lower")]
+        views = [(0, 1, 2, "lower"), (0, 2, 1, "lower"), (1, 2, 0, "lower")]
         fig = _new_figure(15.0, 5.4)
         axes = []
         for col, (a, b, fixed, origin) in enumerate(views):

@@ -9,10 +9,7 @@ Tests using ../shared/data/afids skip with a clear reason when it is absent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,25 +20,11 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandAffined, RandGaussianNoised
 
-from conftest import REPO_ROOT, require_shared_data
+from conftest import REPO_ROOT, bundle_cmd, require_shared_data, run
 from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
 
 BUNDLE = REPO_ROOT / "bundles" / "afids_brain_mr"
 CONFIGS = BUNDLE / "configs"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def bundle_cmd(bundle: Path, run_id: str, configs: list[str], *extra: str) -> list[str]:
-    files = [str(bundle / "configs" / c) for c in configs]
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(bundle),
-            "--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", repr(files),
-            "--logging_file", str(bundle / "configs" / "logging.conf"), *extra]
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def parser_for(*overlays: str, data: Path | None = None, **overrides) -> ConfigParser:

@@ -19,7 +19,6 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import (
     ApplyTransformToPoints,
     ApplyTransformToPointsd,
-    CenterSpatialCropd,
     Compose,
     Orientationd,
     RandAffined,

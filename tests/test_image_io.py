@@ -10,7 +10,6 @@ import warnings
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor, PydicomReader, list_data_collate

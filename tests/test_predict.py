@@ -5,9 +5,7 @@ case names, usage errors."""
 from __future__ import annotations
 
 import csv
-import gzip
 import io
-import os
 import re
 import shutil
 from pathlib import Path
