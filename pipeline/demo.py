@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_demo_parser", "cmd_demo", "run_demo", "write_deformed_cases"]
+__all__ = ["add_demo_parser", "cmd_demo", "run_demo", "write_deformed_cases", "prepare_midsagittal"]
 
 BUNDLE_NAME = "afids_brain_mr"
 
@@ -47,11 +47,57 @@ def _bundle_run(run_id: str, bundle: Path, configs: Sequence[str], **overrides: 
         config_file=files, logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
 
 
+def _nifti_affine(affine) -> "np.ndarray":
+    """A 4x4 NIfTI affine from a 3x3 (2D) or 4x4 affine."""
+    import numpy as np
+
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (4, 4):
+        return a
+    out = np.eye(4)
+    out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
+    return out
+
+
+MIDLINE_AFIDS = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa", "culmen",
+                 "intermammillary sulcus", "pineal gland", "genu of CC", "splenium of CC")
+
+
+def prepare_midsagittal(data_dir: Path, out_dir: Path) -> Path:
+    """The 2D demo data: the template's mid-sagittal slice (x = 0 mm) as a 2D NIfTI in the slice's
+    own frame (axis 0 = RAS y, axis 1 = RAS z, mm) and the midline AFIDs projected onto it
+    (``midline_afids.csv``). Returns ``out_dir``."""
+    import nibabel as nib
+    import numpy as np
+
+    from heatmark.datasets import find_afids
+    from heatmark.fileio import atomic_path
+    from heatmark.geometry import world_to_voxel
+    from heatmark.landmarks import Landmarks, read_landmarks, write_landmark_table
+
+    template, fcsv = find_afids(data_dir)
+    img = nib.load(str(template))
+    affine = img.affine
+    if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))) or affine[0, 0] <= 0:
+        raise ValueError(f"{template}: expected an axis-aligned RAS volume")
+    x_index = int(round(float(world_to_voxel(np.zeros((1, 3)), affine)[0, 0])))
+    plane = np.asarray(img.dataobj[x_index, :, :], dtype=np.float32)
+    slice_affine = np.eye(4)
+    slice_affine[0, 0], slice_affine[1, 1] = affine[1, 1], affine[2, 2]
+    slice_affine[0, 3], slice_affine[1, 3] = affine[1, 3], affine[2, 3]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "midsagittal_T1w.nii.gz") as tmp:
+        nib.save(nib.Nifti1Image(plane, slice_affine), str(tmp))
+    lm = read_landmarks(fcsv).select(list(MIDLINE_AFIDS))
+    write_landmark_table(out_dir / "midline_afids.csv", {"template": Landmarks(lm.coords[:, 1:3].copy(), lm.names)})
+    return out_dir
+
+
 def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cases: int, seed0: int,
                          configs: Sequence[str] = ("train.yaml",)) -> Path:
-    """Write ``num_cases`` random deformations of the template at its own 1 mm resolution as NIfTI
-    files, with their true landmarks (world mm, RAS) in ``truth.csv``; the deformation ranges are
-    the bundle's training ranges. Returns the truth table's path."""
+    """Write ``num_cases`` random deformations of the bundle's image (``image_file``) at its own
+    resolution as NIfTI files, with their true landmarks (world mm) in ``truth.csv``; the
+    deformation ranges are the bundle's training ranges. Returns the truth table's path."""
     import nibabel as nib
     import numpy as np
     from monai.bundle import ConfigParser
@@ -66,12 +112,14 @@ def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cas
     parser["dataset_dir"] = str(dataset_dir)
     get = parser.get_parsed_content
     names = list(get("landmark_names"))
+    dims = int(get("spatial_dims"))
     rot = math.radians(float(get("rotate_deg")))
     deform = Compose([
-        LoadLandmarkImaged("image", spatial_dims=3),
-        LoadLandmarksd("landmarks", names=names, spatial_dims=3),
-        RandAffined("image", prob=1.0, rotate_range=(rot,) * 3, scale_range=(float(get("scale")),) * 3,
-                    translate_range=(float(get("translate_mm")),) * 3, padding_mode="zeros"),
+        LoadLandmarkImaged("image", spatial_dims=dims),
+        LoadLandmarksd("landmarks", names=names, spatial_dims=dims),
+        RandAffined("image", prob=1.0, rotate_range=(rot,) * (1 if dims == 2 else 3),
+                    scale_range=(float(get("scale")),) * dims, translate_range=(float(get("translate_mm")),) * dims,
+                    padding_mode="zeros"),
         RandLandmarkElasticd("image", "landmarks", prob=1.0, control_spacing_mm=float(get("elastic_spacing_mm")),
                              magnitude_mm=float(get("elastic_mm"))),
     ])
@@ -83,7 +131,7 @@ def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cas
         d = deform({"image": get("image_file"), "landmarks": get("landmarks_file")})
         image = d["image"]
         with atomic_path(out_dir / f"{case}.nii.gz") as tmp:
-            nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), image.affine.numpy()), str(tmp))
+            nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), _nifti_affine(image.affine)), str(tmp))
         table[case] = Landmarks(d["landmarks"].numpy(), names)
     truth = out_dir / "truth.csv"
     write_landmark_table(truth, table)
@@ -101,9 +149,10 @@ def _print_table(per_landmark: list[dict], summary: dict) -> None:
 
 
 def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", data: str | None = None,
-             num_cases: int = 3, fresh: bool = False, overlay: str = "cpu.yaml") -> int:
-    """Run the 3D demo; returns the exit status. ``overlay`` is the bundle overlay used for training,
-    evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``)."""
+             num_cases: int = 3, fresh: bool = False, overlay: str = "cpu.yaml", dims: int = 3) -> int:
+    """Run the demo; returns the exit status. ``overlay`` is the bundle overlay used for training,
+    evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``). ``dims=2`` runs the same
+    on the template's mid-sagittal slice with its 10 midline landmarks."""
     import json
 
     import numpy as np
@@ -125,27 +174,36 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     data_dir = Path(data).resolve() if data else fetch_afids()
     find_afids(data_dir)
     print(f"data in {data_dir}")
+    overlays = [overlay]
+    if dims == 2:
+        data_dir = prepare_midsagittal(data_dir, out / "midsagittal_data")
+        overlays.append("midsagittal2d.yaml")
+        print(f"2D: mid-sagittal slice and {len(MIDLINE_AFIDS)} midline landmarks in {data_dir}")
+    elif dims != 3:
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
 
     src = _bundle_source()
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     for f in (src / "configs").iterdir():
         shutil.copy2(f, bundle / "configs" / f.name)
-    configs = ["train.yaml", overlay]
+    configs = ["train.yaml", *overlays]
 
-    _say("2/5 train", f"bundle {BUNDLE_NAME} ({overlay} overlay), at most {minutes:g} min, tracked in MLflow")
+    _say("2/5 train", f"bundle {BUNDLE_NAME} ({', '.join(overlays)}), {dims}D, at most {minutes:g} min, "
+                      "tracked in MLflow")
     _bundle_run("training", bundle, configs, dataset_dir=str(data_dir), tracking="mlflow",
                 time_limit_minutes=float(minutes))
 
     _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)")
-    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", overlay], dataset_dir=str(data_dir),
+    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", *overlays], dataset_dir=str(data_dir),
                 tracking="mlflow")
     eval_metrics = json.loads((bundle / "runs" / "eval" / "metrics.json").read_text())
 
-    _say("4/5 predict", f"heatmark predict over {num_cases} more held-out volumes written as NIfTI files")
+    _say("4/5 predict", f"heatmark predict over {num_cases} more held-out {'images' if dims == 2 else 'volumes'} "
+                        "written as NIfTI files")
     cases_dir = out / "heldout_volumes"
     truth_csv = write_deformed_cases(bundle, data_dir, cases_dir, num_cases, seed0=900_000, configs=configs)
     pred_dir = out / "predictions"
-    summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=[overlay],
+    summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=overlays,
                                          overlays=True, overwrite=True))
     print(summary.line())
     if summary.failed:
@@ -166,7 +224,8 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     print(f"\nheld-out evaluation of the bundle ({eval_metrics['n_cases']} deformations): "
           f"MRE {eval_metrics['mean']:.2f} mm, SDR 4 mm {eval_metrics.get('sdr_4mm', float('nan')):.1f}%")
     print("\noutputs:")
-    print(f"  predicted landmarks (CSV, RAS mm): {pred_dir / 'landmarks.csv'}")
+    frame = "slice frame mm" if dims == 2 else "RAS mm"
+    print(f"  predicted landmarks (CSV, {frame}): {pred_dir / 'landmarks.csv'}")
     print(f"  3D Slicer markups:                 {pred_dir}/<case>.mrk.json (open with the volume in {cases_dir})")
     print(f"  overlays:                          {pred_dir}/<case>_overlay.png")
     print(f"  error tables and plots:            {out / 'evaluation'}, {bundle / 'runs' / 'eval'}")
@@ -179,6 +238,8 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="train, evaluate and predict on real MR data in one go",
                               description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3,
+                   help="3: brain MR volumes (default); 2: the template's mid-sagittal slice, midline landmarks")
     p.add_argument("--minutes", type=float, default=8.0, help="training time limit in minutes (default 8)")
     p.add_argument("--output", default="heatmark-demo", help="output folder (default ./heatmark-demo)")
     p.add_argument("--data", help="folder with the AFIDs template and .fcsv (default: fetch into the cache)")
@@ -193,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from heatmark.datasets import DatasetFetchError
 
     try:
-        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay)
+        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay, args.dims)
     except DatasetFetchError as e:
         print(f"heatmark demo: {e}", file=sys.stderr)
         return 1

@@ -33,3 +33,16 @@ def test_demo_smoke(afids_dir, tmp_path, capsys):
     template = read_landmarks(next(afids_dir.glob("*.fcsv")))
     moved = np.linalg.norm(truth["heldout01"].coords - template.select(truth["heldout01"].names).coords, axis=1)
     assert moved.mean() > 1.0
+
+
+def test_demo_2d_midsagittal_smoke(afids_dir, tmp_path, capsys):
+    out = tmp_path / "demo2d"
+    assert run_demo(minutes=1, output=out, data=str(afids_dir), num_cases=1, overlay="smoke.yaml", dims=2) == 0
+    printed = capsys.readouterr().out
+    assert "10 midline landmarks" in printed and "5/5 compare" in printed
+    pred = read_landmark_table(out / "predictions" / "landmarks.csv")
+    assert pred["heldout01"].coords.shape == (10, 2)
+    # the 2D slice keeps the template's physical frame: AC sits at (y, z) of the 3D AC
+    mid = read_landmark_table(out / "midsagittal_data" / "midline_afids.csv")["template"]
+    ac3d = read_landmarks(next(afids_dir.glob("*.fcsv"))).select(["AC"]).coords[0]
+    np.testing.assert_allclose(mid.select(["AC"]).coords[0], ac3d[1:], atol=1e-9)
