@@ -98,6 +98,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"no case of {args.truth} appears in {args.pred}")
     missing = [c for c in truth_table if c not in pred_table]
     names = list(next(iter(truth_table.values())).names)
+    pred_dims, truth_dims = pred_table[cases[0]].coords.shape[1], truth_table[cases[0]].coords.shape[1]
+    if pred_dims != truth_dims:
+        raise ValueError(f"{args.pred} holds {pred_dims}D landmarks but {args.truth} holds {truth_dims}D landmarks")
+    pred_names = set(pred_table[cases[0]].names)
+    if not pred_names & set(names):
+        raise ValueError(f"{args.pred} shares no landmark name with {args.truth} "
+                         f"(e.g. {sorted(pred_names)[0]!r} vs {names[0]!r})")
     pred = np.stack([pred_table[c].select(names).coords for c in cases])
     truth = np.stack([truth_table[c].coords for c in cases])
     errors = point_errors(pred, truth)

@@ -25,6 +25,7 @@ __all__ = [
     "load_datalist",
     "split_datalist",
     "check_datalist",
+    "check_landmarks_in_image",
     "landmark_names",
 ]
 
@@ -126,13 +127,75 @@ def split_datalist(datalist: Sequence[dict], val_fraction: float = 0.1, seed: in
     return train, val
 
 
+def check_landmarks_in_image(landmarks: Any, image: Any, margin_mm: float = 10.0,
+                             names: Sequence[str] | None = None) -> list[str]:
+    """Problems with landmarks (world mm) that lie outside an image's field of view.
+
+    Args:
+        landmarks: ``(N, D)`` world mm (RAS); NaN rows (missing landmarks) are ignored.
+        image: a ``MetaTensor`` (``.affine`` and spatial shape are used) or a
+            ``(spatial_shape, affine)`` pair, e.g. from a header.
+        margin_mm: how far outside the field of view (the voxel boxes' outer faces) a landmark
+            may lie before it is reported.
+        names: landmark names for the messages.
+
+    Returns:
+        messages such as ``"landmark 3 (Sella) lies 412 mm outside the image"``; empty if all fit.
+    """
+    if isinstance(image, tuple):
+        shape, affine = image
+    else:
+        shape, affine = tuple(image.shape[1:]), image.affine
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = np.asarray([int(s) for s in shape], dtype=np.float64)
+    pts = np.asarray(landmarks, dtype=np.float64)
+    nd = len(shape)
+    if pts.ndim != 2 or pts.shape[1] != nd or affine.shape != (nd + 1, nd + 1):
+        return [f"landmarks are {pts.shape[-1] if pts.ndim == 2 else '?'}D but the image is {nd}D"]
+    lin, off = affine[:nd, :nd], affine[:nd, nd]
+    try:
+        vox = np.linalg.solve(lin, (pts - off).T).T
+    except np.linalg.LinAlgError:
+        return ["the image's orientation matrix is singular; landmarks cannot be placed in it"]
+    inside = np.clip(vox, -0.5, shape - 0.5)
+    dist = np.linalg.norm((vox - inside) @ lin.T, axis=1)
+    out = []
+    for i in np.flatnonzero(np.isfinite(dist) & (dist > margin_mm)):
+        label = f"landmark {i + 1}" + (f" ({names[i]})" if names is not None and i < len(names) else "")
+        out.append(f"{label} lies {dist[i]:.0f} mm outside the image")
+    return out
+
+
+def _image_geometry(path: Path, spatial_dims: int | None) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(spatial_shape, affine)`` of an image; NIfTI volumes from the header alone."""
+    from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage
+
+    name = path.name.lower()
+    if path.is_file() and name.endswith((".nii", ".nii.gz")) and spatial_dims != 2:
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path))
+            shape, affine = tuple(int(s) for s in header.shape), np.asarray(header.affine, dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 - reported as a problem of the case
+            raise ImageLoadError(path, f"cannot read its header ({type(e).__name__}: {e})") from None
+        if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+            return shape[:3], affine
+    img = LoadLandmarkImage(spatial_dims=spatial_dims, allow_constant=True)(path)
+    return tuple(img.shape[1:]), np.asarray(img.affine, dtype=np.float64)
+
+
 def check_datalist(datalist: Sequence[dict], num_landmarks: int | None = None, spatial_dims: int | None = None,
-                   image_key: str = "image", landmark_key: str = "landmarks", source: str = "datalist") -> list[dict]:
+                   image_key: str = "image", landmark_key: str = "landmarks", source: str = "datalist",
+                   check_images: bool = False, margin_mm: float = 10.0) -> list[dict]:
     """Check every entry up front and raise one :class:`DataCheckError` listing all problems.
 
     Checks: the list is not empty; image files exist and are readable, non-empty files (or
     folders, for DICOM series); inline landmarks have ``num_landmarks`` rows of ``spatial_dims``
-    finite-or-NaN numbers; landmark files exist. Returns the datalist unchanged when it is valid.
+    finite-or-NaN numbers; landmark files exist. With ``check_images``, each image's geometry is
+    read (NIfTI volumes: the header only) and inline landmarks more than ``margin_mm`` outside its
+    field of view are reported (:func:`check_landmarks_in_image`), as are images that cannot be
+    read. Returns the datalist unchanged when it is valid.
     """
     problems: list[str] = []
     if not datalist:
@@ -173,6 +236,16 @@ def check_datalist(datalist: Sequence[dict], num_landmarks: int | None = None, s
                 problems.append(f"{where}: landmarks contain infinite values")
             if np.isnan(arr).all():
                 problems.append(f"{where}: all landmarks are missing")
+            if check_images and img is not None and Path(str(img)).exists():
+                from heatmark.transforms.io import ImageLoadError
+
+                try:
+                    geometry = _image_geometry(Path(str(img)), spatial_dims)
+                except ImageLoadError as e:
+                    problems.append(f"{where}: {e}")
+                    continue
+                problems += [f"{where}: {m}" for m in
+                             check_landmarks_in_image(arr, geometry, margin_mm, item.get("names"))]
     if problems:
         raise DataCheckError(problems, source)
     return list(datalist)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import fnmatch
 import hashlib
 import io
@@ -325,6 +326,13 @@ def find_inputs(source: str | os.PathLike, recursive: bool = False, pattern: str
     """
     src = Path(os.path.expanduser(os.fspath(source)))
     if not src.exists():
+        if src.is_symlink():
+            try:
+                os.stat(src)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise PredictUsageError(f"input not found: {src} is a symbolic link loop") from None
+            raise PredictUsageError(f"input not found: {src} is a broken symbolic link (to {os.readlink(src)})")
         raise PredictUsageError(f"input not found: {src}")
     if src.is_file():
         found = _read_list(src) if src.name.lower().endswith(LIST_SUFFIXES) else [src]

@@ -186,7 +186,7 @@ def test_nifti_singleton_axis_squeezed_when_2d_expected(tmp_path):
 def test_nifti_coronal_singleton_uses_rs_plane(tmp_path):
     affine = np.diag([0.4, 3.0, 0.5, 1.0])
     affine[:3, 3] = [1, 2, 3]
-    data = np.zeros((6, 1, 4), np.float32)
+    data = np.arange(24, dtype=np.float32).reshape(6, 1, 4)  # not constant: constant images are refused
     img = LoadLandmarkImage(spatial_dims=2)(write_nifti(tmp_path / "cor.nii.gz", data, affine))
     assert img.shape == (1, 6, 4)
     assert img.meta["world_axes"] == "RS"
@@ -194,7 +194,7 @@ def test_nifti_coronal_singleton_uses_rs_plane(tmp_path):
 
 
 def test_nifti_trailing_singleton_4d_is_3d_but_real_4d_refused(tmp_path):
-    ok = LoadLandmarkImage(spatial_dims=3)(write_nifti(tmp_path / "t1.nii.gz", np.zeros((4, 4, 4, 1), np.float32), np.eye(4)))
+    ok = LoadLandmarkImage(spatial_dims=3)(write_nifti(tmp_path / "t1.nii.gz", np.arange(64, dtype=np.float32).reshape(4, 4, 4, 1), np.eye(4)))
     assert ok.shape == (1, 4, 4, 4)
     f = write_nifti(tmp_path / "fmri.nii.gz", np.zeros((4, 4, 4, 3), np.float32), np.eye(4))
     with pytest.raises(ImageLoadError) as e:
@@ -431,7 +431,7 @@ def test_png_with_spacing_axis0_is_x(tmp_path):
 
 def test_png_without_spacing(tmp_path):
     f = tmp_path / "nospacing.png"
-    Image.fromarray(np.zeros((3, 7), np.uint8)).save(f)
+    Image.fromarray(np.arange(21, dtype=np.uint8).reshape(3, 7)).save(f)
     with pytest.raises(ImageLoadError) as e:
         LoadLandmarkImage()(f)
     assert_file_error(e, f, "spacing")
@@ -477,6 +477,7 @@ def test_colour_image_luminance_or_kept(tmp_path):
     rgb = np.zeros((3, 7, 3), np.uint8)
     rgb[..., 0] = 100
     rgb[..., 1] = 50
+    rgb[2, 6] = 0  # not constant: constant images are refused
     f = tmp_path / "colour.png"
     Image.fromarray(rgb).save(f)
     with pytest.warns(UserWarning, match="colour image"):
@@ -588,7 +589,7 @@ def test_non_finite_affine(tmp_path):
 
 
 def test_zero_spacing_2d_nifti_needs_user_spacing(tmp_path):
-    f = write_nifti_raw_sform(tmp_path / "nopix.nii.gz", np.zeros((5, 3), np.float32), np.diag([0.0, 0.0, 1.0, 1.0]))
+    f = write_nifti_raw_sform(tmp_path / "nopix.nii.gz", np.arange(15, dtype=np.float32).reshape(5, 3), np.diag([0.0, 0.0, 1.0, 1.0]))
     with pytest.raises(ImageLoadError) as e:
         LoadLandmarkImage()(f)
     assert_file_error(e, f, "no pixel spacing")
@@ -652,7 +653,7 @@ def test_bad_options():
 
 def test_dictionary_wrapper(tmp_path):
     affine = np.diag([0.4, 0.5, 2.0, 1.0])
-    f = write_nifti(tmp_path / "vol.nii.gz", np.zeros((4, 4, 4), np.float32), affine)
+    f = write_nifti(tmp_path / "vol.nii.gz", np.arange(64, dtype=np.float32).reshape(4, 4, 4), affine)
     out = LoadLandmarkImaged(keys=["image", "label"], allow_missing_keys=True)({"image": str(f), "other": 1})
     assert isinstance(out["image"], MetaTensor) and out["other"] == 1 and "label" not in out
     np.testing.assert_allclose(out["image"].affine.numpy(), affine)
@@ -665,7 +666,7 @@ def test_dictionary_wrapper(tmp_path):
         LoadLandmarkImaged(keys="image")({"x": f})
 
     png = tmp_path / "x.png"
-    Image.fromarray(np.zeros((3, 7), np.uint8)).save(png)
+    Image.fromarray(np.arange(21, dtype=np.uint8).reshape(3, 7)).save(png)
     out = LoadLandmarkImaged(keys="image", spacing=(0.1, 0.1))({"image": png})
     np.testing.assert_allclose(out["image"].meta["spacing"], [0.1, 0.1])
     with pytest.raises(ImageLoadError) as e:
@@ -675,10 +676,10 @@ def test_dictionary_wrapper(tmp_path):
 
 def test_mixed_formats_collate(tmp_path):
     png = tmp_path / "a.png"
-    Image.fromarray(np.zeros((3, 7), np.uint8)).save(png)
+    Image.fromarray(np.arange(21, dtype=np.uint8).reshape(3, 7)).save(png)  # not constant: those are refused
     mha = tmp_path / "b.mha"
-    write_itk(mha, np.zeros((3, 7), np.float32), (0.1, 0.1), (0, 0))
-    nii = write_nifti(tmp_path / "c.nii.gz", np.zeros((7, 3), np.float32), np.diag([0.1, 0.1, 1, 1]))
+    write_itk(mha, np.arange(21, dtype=np.float32).reshape(3, 7), (0.1, 0.1), (0, 0))
+    nii = write_nifti(tmp_path / "c.nii.gz", np.arange(21, dtype=np.float32).reshape(7, 3), np.diag([0.1, 0.1, 1, 1]))
     imgs = [LoadLandmarkImage(spacing=0.1)(p) for p in (png, mha, nii)]
     assert {tuple(i.meta) == tuple(imgs[0].meta) for i in imgs} == {True}
     batch = list_data_collate(imgs)
@@ -686,7 +687,7 @@ def test_mixed_formats_collate(tmp_path):
 
 
 def test_dtype_option(tmp_path):
-    f = write_nifti(tmp_path / "v.nii.gz", np.zeros((2, 2, 2), np.int16), np.eye(4))
+    f = write_nifti(tmp_path / "v.nii.gz", np.arange(8, dtype=np.int16).reshape(2, 2, 2), np.eye(4))
     assert LoadLandmarkImage(dtype=torch.float64)(f).dtype == torch.float64
     assert LoadLandmarkImage(dtype=np.float16)(f).dtype == torch.float16
 

@@ -67,6 +67,7 @@ DICOM ``MONOCHROME1`` images are inverted so that bright means dense, as in MONO
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -243,6 +244,8 @@ class LoadLandmarkImage(Transform):
             :class:`monai.transforms.LoadImage`.
         max_voxels: refuse images whose header declares more than this many values
             (channels x voxels), before reading them.
+        allow_constant: accept an image whose voxels all have the same value (refused by
+            default: landmarks cannot be localised in it).
 
     The returned ``MetaTensor`` has shape ``(C, *spatial)`` with ``C == 1`` for grayscale, an
     affine of shape ``(D+1, D+1)``, and ``meta`` keys ``filename_or_obj``, ``affine``,
@@ -262,6 +265,7 @@ class LoadLandmarkImage(Transform):
         dtype: Any = np.float32,
         image_only: bool = True,
         max_voxels: int = MAX_VOXELS,
+        allow_constant: bool = False,
     ) -> None:
         if spatial_dims not in (None, 2, 3):
             raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}")
@@ -272,6 +276,7 @@ class LoadLandmarkImage(Transform):
         self.dtype = dtype
         self.image_only = image_only
         self.max_voxels = int(max_voxels)
+        self.allow_constant = bool(allow_constant)
 
     # ---------------------------------------------------------------- entry point
     def __call__(self, filename: os.PathLike | str):
@@ -297,6 +302,14 @@ class LoadLandmarkImage(Transform):
     # ---------------------------------------------------------------- file checks
     def _kind(self, path: Path) -> str:
         if not path.exists():
+            if path.is_symlink():
+                try:
+                    os.stat(path)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        raise ImageLoadError(path, "it is a symbolic link loop (the links point at each other)") from None
+                target = os.readlink(path)
+                raise ImageLoadError(path, f"it is a broken symbolic link (its target '{target}' does not exist)")
             parent = path.parent
             hint = "" if parent.is_dir() else f" (the folder '{parent}' does not exist either)"
             raise ImageLoadError(path, f"the file does not exist{hint}")
@@ -348,6 +361,16 @@ class LoadLandmarkImage(Transform):
             path, f"cannot read it: truncated, damaged or not a {_KIND_NAMES[kind]} file ({_describe(exc)})"
         )
 
+    @staticmethod
+    def _raw_nifti_header(img: Any) -> Any:
+        """The header as stored (no nibabel fixes), or None if it cannot be re-read."""
+        try:
+            holder = img.file_map["header"] if "header" in img.file_map else img.file_map["image"]
+            with nib.openers.ImageOpener(holder.filename) as f:
+                return type(img.header).from_fileobj(f, check=False)
+        except Exception:  # noqa: BLE001 - the checks on it are extras
+            return None
+
     # ---------------------------------------------------------------- readers
     def _read_nifti(self, path: Path):
         try:
@@ -357,6 +380,16 @@ class LoadLandmarkImage(Transform):
         except Exception as e:
             raise self._read_failed(path, "nifti", e) from e
         self._check_size(path, shape)
+        hdr = self._raw_nifti_header(header_img)  # nibabel 'fixes' bad pixdim on load
+        no_xform = hdr is not None and not int(hdr.get("sform_code", 0)) and not int(hdr.get("qform_code", 0))
+        if no_xform and "pixdim" in hdr:  # the spacing comes from pixdim alone
+            pixdim = np.asarray(hdr["pixdim"][1 : 1 + min(len(shape), 3)], dtype=np.float64)
+            volume = len(shape) >= 3 and shape[2] > 1  # a 2D image without spacing falls back on the user's
+            if np.any(pixdim < 0) or (volume and np.any(pixdim == 0)):  # nibabel would silently use abs() or 1 mm
+                raise ImageLoadError(
+                    path,
+                    f"the header declares an invalid voxel spacing (pixdim) {_fmt(pixdim)}; spacing must be positive",
+                )
         if not np.all(np.isfinite(header_affine)):  # MONAI would silently replace it by the qform
             raise ImageLoadError(path, "its orientation/spacing header (sform/qform) holds non-finite values (NaN or infinity)")
         reader = NibabelReader(squeeze_non_spatial_dims=True)
@@ -524,6 +557,7 @@ class LoadLandmarkImage(Transform):
 
         spacing = None
         source = None
+        zero_tag = None
         for tag in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
             v = _dicom_floats(ds, tag, 2)
             if v is None:
@@ -533,6 +567,7 @@ class LoadLandmarkImage(Transform):
             if not np.all(np.isfinite(v)) or np.any(v < 0) or (np.any(v == 0) and not np.all(v == 0)):
                 raise ImageLoadError(path, f"the DICOM tag {tag} holds an invalid spacing {_fmt(v)}")
             if np.all(v == 0):
+                zero_tag = zero_tag or tag
                 continue  # zero spacing means 'unknown'
             spacing, source = (float(v[1]), float(v[0])), tag  # tags are (row spacing, column spacing)
             break
@@ -552,6 +587,7 @@ class LoadLandmarkImage(Transform):
             "header_spacing": spacing is not None,
             "dicom_spacing": spacing,
             "dicom_spacing_source": source,
+            "dicom_zero_spacing_tag": zero_tag,
             "dicom_patient": patient,
             "intensity_inverted": inverted,
         }
@@ -643,6 +679,14 @@ class LoadLandmarkImage(Transform):
                     f"it contains non-finite voxel values ({n_nan} NaN, {n_inf} infinite"
                     + (f" after conversion from {arr.dtype} to {data.dtype})" if converted else ")"),
                 )
+        if not self.allow_constant and data.size > 0:
+            lo, hi = data.min(), data.max()
+            if lo == hi:
+                raise ImageLoadError(
+                    path,
+                    f"all voxels have the same value ({float(lo):.6g}); a constant image carries no information "
+                    "to localise landmarks in",
+                )
         tensor = torch.as_tensor(data).to(torch_dtype)
 
         affine_t = torch.as_tensor(affine, dtype=torch.float64)
@@ -696,7 +740,9 @@ class LoadLandmarkImage(Transform):
                 )
             units = "mm"
             if sp is None:
-                sp, units = (user, "mm") if user is not None else self._fallback_spacing(path)
+                zero = info.get("dicom_zero_spacing_tag")
+                why = f"the DICOM tag {zero} is 0\\0, which means unknown" if zero else None
+                sp, units = (user, "mm") if user is not None else self._fallback_spacing(path, why)
             if patient is not None:
                 ipp, r, c = patient
                 a4 = np.eye(4)
@@ -721,12 +767,12 @@ class LoadLandmarkImage(Transform):
             warnings.warn(f"{path}: spacing {_fmt(user)} given but the file says {_fmt(norms)}; using the file's", stacklevel=3)
         return affine, world_axes, "mm"
 
-    def _fallback_spacing(self, path: Path) -> tuple[tuple[float, float], str]:
+    def _fallback_spacing(self, path: Path, why: str | None = None) -> tuple[tuple[float, float], str]:
         if self.allow_pixel_units:
             return (1.0, 1.0), "pixel"
         raise ImageLoadError(
             path,
-            "the image has no pixel spacing (no spacing in the file); give its spacing in mm "
+            f"the image has no pixel spacing ({why or 'no spacing in the file'}); give its spacing in mm "
             "(spacing=..., --spacing) or accept pixel units explicitly (allow_pixel_units=True)",
         )
 
