@@ -47,7 +47,7 @@ def _bundle_run(run_id: str, bundle: Path, configs: Sequence[str], **overrides: 
         config_file=files, logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
 
 
-def _nifti_affine(affine) -> "np.ndarray":
+def _nifti_affine(affine: Any) -> Any:
     """A 4x4 NIfTI affine from a 3x3 (2D) or 4x4 affine."""
     import numpy as np
 

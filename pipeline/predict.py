@@ -254,25 +254,22 @@ def _nifti_affine(affine: np.ndarray) -> np.ndarray:
 # inputs and case names
 
 
-def _has_dicm_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+def has_dicom_marker(path: Path) -> bool:
+    from heatmark.transforms.io import has_dicom_marker as marker  # lazy: keeps `heatmark --help` fast
+
+    return marker(path)
 
 
 def _is_dicom_file(path: Path) -> bool:
     name = path.name.lower()
     if name.endswith(_DICOM_SUFFIXES):
         return True
-    return "." not in name and _has_dicm_marker(path)
+    return "." not in name and has_dicom_marker(path)
 
 
 def _is_image_file(path: Path) -> bool:
     name = path.name.lower()
-    return name.endswith(IMAGE_SUFFIXES) or ("." not in name and _has_dicm_marker(path))
+    return name.endswith(IMAGE_SUFFIXES) or ("." not in name and has_dicom_marker(path))
 
 
 def _is_dicom_series(folder: Path) -> bool:

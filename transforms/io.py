@@ -135,7 +135,8 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _has_dicm_marker(path: Path) -> bool:
+def has_dicom_marker(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 marker (``DICM`` at byte 128)."""
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -330,7 +331,7 @@ class LoadLandmarkImage(Transform):
             return "itk"
         if suffix in _PIL_SUFFIXES:
             return "pil"
-        if suffix in _DICOM_SUFFIXES or _has_dicm_marker(path):
+        if suffix in _DICOM_SUFFIXES or has_dicom_marker(path):
             return "dicom"
         raise ImageLoadError(
             path,
