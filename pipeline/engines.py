@@ -102,6 +102,15 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all())
 
 
+def _handle_exception(engine: Engine, e: BaseException) -> None:
+    """ignite's exception handling, except that Ctrl-C skips the ``EXCEPTION_RAISED`` handlers
+    (MONAI's ``StatsHandler`` would log it with a full stack trace): :meth:`LandmarkTrainer.run`
+    reports it in one line."""
+    if isinstance(e, KeyboardInterrupt):
+        raise e
+    Engine._handle_exception(engine, e)
+
+
 class LandmarkTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for heatmap regression; same arguments plus:
 
@@ -134,9 +143,25 @@ class LandmarkTrainer(SupervisedTrainer):
 
     def run(self) -> None:  # type: ignore[override]
         """Run training; like MONAI's, but the gradient scaler exists only for fp16 on CUDA (MONAI
-        builds a CUDA scaler whenever ``amp`` is on, which bf16 and CPU runs do not want)."""
+        builds a CUDA scaler whenever ``amp`` is on, which bf16 and CPU runs do not want).
+
+        Ctrl-C (``KeyboardInterrupt``) stops training with a message naming the last complete
+        checkpoint (when a :class:`TrainingCheckpoint` is attached) and how to continue, and exits
+        with status 130 (``SystemExit(130)``, the shell's convention for SIGINT)."""
         self.scaler = torch.amp.GradScaler("cuda") if self._use_scaler else None
-        Workflow.run(self)
+        try:
+            Workflow.run(self)
+        except KeyboardInterrupt:
+            ckpt_dir = getattr(self.state, "checkpoint_dir", None)
+            last = latest_checkpoint(ckpt_dir, getattr(self.state, "checkpoint_prefix", "checkpoint")) \
+                if ckpt_dir else None
+            where = f"the last complete checkpoint is {last}; rerun with --resume true to continue" if last \
+                else "no checkpoint was saved yet"
+            logger.error("training interrupted at epoch %s iteration %s; %s", self.state.epoch, self.state.iteration,
+                         where)
+            raise SystemExit(130) from None
+
+    _handle_exception = _handle_exception
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -202,6 +227,8 @@ class LandmarkEvaluator(SupervisedEvaluator):
         if kwargs.get("amp"):
             amp_kwargs["dtype"] = _amp_dtype(amp_kwargs, device)
         super().__init__(*args, amp_kwargs=amp_kwargs, **kwargs)
+
+    _handle_exception = _handle_exception
 
     def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -375,8 +402,12 @@ def _checkpoints_by_step(directory: str | os.PathLike, prefix: str = "checkpoint
     d = Path(directory)
     if not d.is_dir():
         return []
+    from heatmark.fileio import TMP_PREFIX
+
     found = []
     for p in d.glob(f"{prefix}*.pt"):
+        if p.name.startswith(TMP_PREFIX) or not p.is_file():
+            continue  # a write in progress (or killed): never a checkpoint
         digits = "".join(ch if ch.isdigit() else " " for ch in p.stem).split()
         found.append((int(digits[-1]) if digits else -1, p))
     return [p for _, p in sorted(found)]
@@ -437,7 +468,16 @@ class TrainingCheckpoint:
 
     Files: ``<save_dir>/<file_prefix>_iteration=<k>.pt``, ``n_saved`` kept. In distributed runs
     every rank loads and only rank 0 saves (``save=False`` elsewhere).
+
+    A state holding a non-finite floating value (network, loss, optimizer...) is never saved: the
+    previous checkpoint is kept and an error is logged. Beside the checkpoints, ``run.json``
+    (:attr:`RUN_FILE`) records the MLflow run id of the training (``engine.state.mlflow_run_id``,
+    set by :class:`heatmark.tracking.MLflowExtrasHandler`) and the checkpoint. On resume the engine
+    state gets ``resumed_from`` (checkpoint path), ``resumed_at_iteration`` and
+    ``resumed_from_run`` (the recorded MLflow run id or None), which the MLflow handler logs.
     """
+
+    RUN_FILE = "run.json"
 
     def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], resume: bool = False,
                  save_interval: int = 1, n_saved: int = 1, file_prefix: str = "checkpoint",
@@ -457,6 +497,8 @@ class TrainingCheckpoint:
         from ignite.handlers import Checkpoint
 
         self.to_save = {**self.save_dict, "trainer": engine}
+        engine.state.checkpoint_dir = str(self.save_dir)
+        engine.state.checkpoint_prefix = self.file_prefix
         self.saver = Checkpoint(self.to_save, AtomicDiskSaver(self.save_dir), filename_prefix=self.file_prefix,
                                 n_saved=self.n_saved, global_step_transform=lambda e, _: e.state.iteration)
         if self.save:
@@ -464,12 +506,66 @@ class TrainingCheckpoint:
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
 
+    def _nonfinite_entries(self) -> list[str]:
+        """Names of the saved objects' floating tensors holding NaN or inf."""
+        bad: list[str] = []
+
+        def walk(value: Any, name: str) -> None:
+            if isinstance(value, torch.Tensor):
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    bad.append(name)
+            elif isinstance(value, Mapping):
+                for k, v in value.items():
+                    walk(v, f"{name}.{k}")
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    walk(v, f"{name}.{i}")
+
+        for key, obj in self.to_save.items():
+            if key != "trainer" and hasattr(obj, "state_dict"):
+                walk(obj.state_dict(), key)
+        return bad
+
     def _save(self, engine: Engine) -> None:
+        bad = self._nonfinite_entries()
+        if bad:
+            logger.error("not saving a checkpoint at epoch %d, iteration %d: non-finite values in %s%s; "
+                         "the previous checkpoint (%s) is kept", engine.state.epoch, engine.state.iteration,
+                         ", ".join(bad[:5]), " ..." if len(bad) > 5 else "",
+                         latest_checkpoint(self.save_dir, self.file_prefix))
+            return
         self.saver(engine)
         # checkpoints of an earlier (interrupted) run are not tracked by this saver: keep the newest
         for old in _checkpoints_by_step(self.save_dir, self.file_prefix)[: -self.n_saved or None]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
+        self._write_run_file(engine)
+
+    def _write_run_file(self, engine: Engine) -> None:
+        import json
+
+        from heatmark.fileio import atomic_write_text
+
+        info = {"mlflow_run_id": getattr(engine.state, "mlflow_run_id", None),
+                "checkpoint": latest_checkpoint(self.save_dir, self.file_prefix),
+                "epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        try:
+            atomic_write_text(self.save_dir / self.RUN_FILE, json.dumps(info, indent=1) + "\n")
+        except OSError as e:  # bookkeeping only: never stop a training
+            logger.warning("could not write %s: %s", self.save_dir / self.RUN_FILE, e)
+
+    def _read_run_file(self) -> dict[str, Any]:
+        import json
+
+        path = self.save_dir / self.RUN_FILE
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring unreadable %s: %s", path, e)
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def load(self, engine: Engine) -> None:
         from ignite.handlers import Checkpoint
@@ -489,6 +585,9 @@ class TrainingCheckpoint:
                              "raise max_epochs to train further")
         engine.state.max_epochs = prior_max_epochs
         self.loaded_from = path
+        engine.state.resumed_from = path
+        engine.state.resumed_at_iteration = int(engine.state.iteration)
+        engine.state.resumed_from_run = self._read_run_file().get("mlflow_run_id")
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
 
 

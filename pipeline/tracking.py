@@ -341,7 +341,15 @@ class MLflowExtrasHandler:
       nested mappings named by their own key, as MONAI names them), with step = the trainer's
       epoch;
     - ``COMPLETED``: the ``artifacts`` that exist (files; folders recursively under their name),
-      each under ``artifact_path``.
+      each under ``artifact_path``;
+    - a resumed training (``engine.state.resumed_from``, set by
+      :class:`heatmark.engines.TrainingCheckpoint`): tags linking the run to the previous one
+      (:meth:`_log_resume`). The run id is kept in ``engine.state.mlflow_run_id`` for the
+      checkpoint's ``run.json``.
+
+    Note that MONAI's handler (``run_name`` None) continues the oldest unfinished run of the
+    experiment, so after a crash or kill the resumed training usually logs into the same run
+    (which a killed process could not close, so it stays ``RUNNING`` until then).
 
     Parameters already in the run (a resumed run, MONAI's ``max_epochs``) are not logged again; a
     different value is reported by a warning (MLflow parameters are immutable). Logging problems
@@ -413,6 +421,9 @@ class MLflowExtrasHandler:
         run = getattr(handler, "cur_run", None)
         if run is not None:
             self._client, self._run_id = handler.client, run.info.run_id
+            state = getattr(self._engine, "state", None)
+            if state is not None:  # TrainingCheckpoint records it beside the checkpoints (run.json)
+                state.mlflow_run_id = self._run_id
         elif self._client is None:
             self._client = handler.client
         return None if self._run_id is None else (self._client, self._run_id)
@@ -468,6 +479,28 @@ class MLflowExtrasHandler:
         self._params_logged = True  # once per run, also when logging fails
         if self.params:
             self._safely("params", self._log_params, *target)
+        if getattr(getattr(self._engine, "state", None), "resumed_from", None):
+            self._safely("resume tags", self._log_resume, *target)
+
+    def _log_resume(self, client: Any, run_id: str) -> None:
+        """Link a resumed training to the run it continues: tags ``heatmark.resumed_from_run`` (the
+        MLflow run recorded beside the checkpoint; the same run when MONAI's handler picked it up
+        again), ``heatmark.resumed_from_checkpoint``, ``heatmark.resumed_at_iteration``, and the
+        param ``resumed_at_iteration`` unless the run already has one (params are immutable)."""
+        from mlflow.entities import Param, RunTag
+
+        state = self._engine.state
+        iteration = str(int(getattr(state, "resumed_at_iteration", 0) or 0))
+        tags = [RunTag("heatmark.resumed_from_checkpoint", str(state.resumed_from)),
+                RunTag("heatmark.resumed_at_iteration", iteration)]
+        old = getattr(state, "resumed_from_run", None)
+        if old:
+            tags.append(RunTag("heatmark.resumed_from_run", str(old)))
+        params = [] if "resumed_at_iteration" in client.get_run(run_id).data.params else \
+            [Param("resumed_at_iteration", iteration)]
+        client.log_batch(run_id=run_id, params=params, tags=tags)
+        logger.info("MLflow run %s: resumed from %s at iteration %s%s", run_id, state.resumed_from, iteration,
+                    f" (previous run {old})" if old else "")
 
     def _log_params(self, client: Any, run_id: str) -> None:
         from mlflow.entities import Param
