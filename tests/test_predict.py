@@ -402,3 +402,17 @@ def test_usage_errors(data, tmp_path, capsys):
     P.add_predict_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["predict", str(tmp_path / "nope"), str(inputs), str(tmp_path / "o8")])
     assert args.func is P.cmd_predict and args.func(args) == 2
+
+
+class Payload:
+    """Stands for an arbitrary pickled object inside a model file (it could run code when unpickled)."""
+
+
+def test_model_file_with_pickled_objects_is_refused(data, tmp_path, capsys):
+    state = torch.load(data["bundle"] / "models" / "model.pt", weights_only=True)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": state, "payload": Payload()}, evil)
+    code = run(data["bundle"], data["inputs"], tmp_path / "out", "--config", "tiny.yaml", "--model", evil, "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load the model" in err and "evil.pt" in err
+    assert "Payload" in err or "weights_only" in err.lower() or "unsupported global" in err.lower()
