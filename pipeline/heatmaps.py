@@ -109,11 +109,14 @@ def gaussian_heatmaps(
         raise ValueError(f"spatial_shape {shape} has {len(shape)} axes but points have D={d}")
     device = points.device
     p = points.to(compute_dtype)
-    s = broadcast_sigma(sigma, b, n, d, device=device, dtype=compute_dtype)
-    # NaN/inf rows are missing landmarks (zero channel); the common all-present, peak-1 case
-    # skips the per-landmark scaling altogether (fewer small ops: they dominate 2D timings)
+    # A plain number as sigma with peak-1 targets needs no (B, N, D) sigma tensor: small tensor
+    # operations dominate the 2D timings, so the common case avoids them.
+    scalar_sigma = isinstance(sigma, (int, float)) and gamma is None
+    s = None if scalar_sigma else broadcast_sigma(sigma, b, n, d, device=device, dtype=compute_dtype)
+    # NaN/inf rows are missing landmarks (zero channel); the all-present, peak-1 case skips the
+    # per-landmark scaling (a finite sum means every coordinate is finite)
     scale: torch.Tensor | None = None
-    if not bool(torch.isfinite(p).all()):
+    if not math.isfinite(float(p.sum())):
         present = torch.isfinite(p).all(dim=-1)  # (B, N)
         p = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
         scale = present.to(compute_dtype)
@@ -122,12 +125,13 @@ def gaussian_heatmaps(
             (2.0 * math.pi) ** (d / 2.0) * s.prod(dim=-1))
         scale = g_scale if scale is None else scale * g_scale
 
-    needs_grad = torch.is_grad_enabled() and (s.requires_grad or p.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (p.requires_grad or (s is not None and s.requires_grad))
     # allocate the output before any temporaries so the allocator can reuse one large block
     out = None if needs_grad else torch.empty((b, n, *shape), dtype=dtype, device=device)
     # the 1-D Gaussians of all axes at once on a common axis of length max(shape): (D, B, N, L)
     x = _positions(max(shape), device, compute_dtype)
-    z = (x - p.permute(2, 0, 1).unsqueeze(-1)) / s.permute(2, 0, 1).unsqueeze(-1)
+    z = x - p.permute(2, 0, 1).unsqueeze(-1)
+    z = z * (1.0 / float(sigma)) if s is None else z / s.permute(2, 0, 1).unsqueeze(-1)
     arg = -0.5 * z * z if needs_grad else z.square_().mul_(-0.5)
     # Values below exp(-_LOG_CUTOFF) are set to exactly 0: far tails would otherwise underflow
     # into denormal floats, which are ~100x slower in exp and in the products below.

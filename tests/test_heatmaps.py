@@ -118,3 +118,14 @@ def test_dict_transform_places_heatmap_at_world_point():
     peak = np.unravel_index(int(hm[0].argmax()), hm.shape[1:])
     np.testing.assert_allclose(peak, np.round(vox.numpy()), atol=0)
     assert hm[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("shape", [(31, 26), (13, 17, 11)])
+def test_scalar_sigma_fast_path_matches_reference_and_zeroes_nan(shape):
+    rng = np.random.default_rng(7)
+    pts = rng.uniform(0, np.array(shape) - 1, size=(1, 4, len(shape)))
+    pts[0, 2] = np.nan
+    out = gaussian_heatmaps(torch.as_tensor(pts), shape, sigma=1.7)
+    ref = reference(pts[0], shape, np.full((4, len(shape)), 1.7))
+    assert np.abs(out[0].numpy() - ref).max() <= 1e-5
+    assert out[0, 2].abs().max() == 0
