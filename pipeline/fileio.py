@@ -4,13 +4,19 @@ renamed into place, so an interrupted run never leaves a half-written file behin
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import math
+import numbers
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "safe_case_name", "TMP_PREFIX"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "safe_case_name", "csv_cell", "csv_text",
+           "TMP_PREFIX"]
 
 #: Prefix of the temporary files; anything starting with it in an output folder is debris of an
 #: interrupted write and may be deleted.
@@ -78,3 +84,21 @@ def safe_case_name(name: str, max_length: int = 120) -> str:
     s = _UNSAFE.sub("_", str(name)).strip("._") or "case"
     s = s.replace("..", "_")
     return s[:max_length]
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell: floats in full precision (the shortest text that reads back exactly; ``inf``
+    kept), NaN as an empty cell, anything else as text."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def csv_text(rows: Sequence[Sequence[Any]], comment: str | None = None) -> str:
+    """CSV text of ``rows`` (cells through :func:`csv_cell`), after an optional ``# comment`` line."""
+    buf = io.StringIO()
+    if comment:
+        buf.write(comment + "\n")
+    csv.writer(buf, lineterminator="\n").writerows([[csv_cell(v) for v in row] for row in rows])
+    return buf.getvalue()

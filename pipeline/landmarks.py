@@ -39,7 +39,6 @@ line-based formats) and the problem.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
@@ -51,7 +50,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, csv_cell, csv_text
 
 __all__ = [
     "Landmarks",
@@ -517,19 +516,6 @@ def _read_wide(path: Path, header: _Row, rows: Sequence[_Row]) -> dict[str, Land
     return table
 
 
-def _fmt(value: float) -> str:
-    """Full-precision text of a coordinate (shortest repr that round-trips); NaN -> empty."""
-    return "" if math.isnan(value) else repr(float(value))
-
-
-def _csv_text(rows: Sequence[Sequence[Any]], comment: str | None = None) -> str:
-    buf = io.StringIO()
-    if comment:
-        buf.write(comment + "\n")
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
 def _long_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int,
                confidence: Mapping[str, np.ndarray] | None) -> list[list[Any]]:
     """Rows of a long table from ``{case: (N, D) coordinates}`` (already in the output frame)."""
@@ -540,9 +526,9 @@ def _long_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int,
     for case, points in coords.items():
         conf = None if confidence is None else confidence.get(case)
         for i, (name, p) in enumerate(zip(names, points)):
-            row = [case, i + 1, name, *(_fmt(v) for v in p)]
+            row = [case, i + 1, name, *(csv_cell(v) for v in p)]
             if confidence is not None:
-                row.append("" if conf is None else _fmt(conf[i]))
+                row.append("" if conf is None else csv_cell(conf[i]))
             rows.append(row)
     return rows
 
@@ -550,7 +536,7 @@ def _long_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int,
 def _wide_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int) -> list[list[Any]]:
     """Rows of a wide table from ``{case: (N, D) coordinates}`` (already in the output frame)."""
     header = ["case", *(f"{n}_{a}_mm" for n in names for a in _AXES[:dims])]
-    return [header, *([case, *(_fmt(v) for v in points.reshape(-1))] for case, points in coords.items())]
+    return [header, *([case, *(csv_cell(v) for v in points.reshape(-1))] for case, points in coords.items())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,9 +778,9 @@ def _fcsv_text(lm: Landmarks, frame: str) -> str:
     rows = []
     for i, (name, p) in enumerate(zip(lm.names, _convert(_as_3d(lm), "RAS", frame))):
         visible = 0 if np.isnan(p).any() else 1
-        rows.append([f"vtkMRMLMarkupsFiducialNode_{i + 1}", *(_fmt(v) for v in p), 0, 0, 0, 1,
+        rows.append([f"vtkMRMLMarkupsFiducialNode_{i + 1}", *(csv_cell(v) for v in p), 0, 0, 0, 1,
                      visible, 1, 0, name, "", ""])
-    return _csv_text(rows, comment=header)
+    return csv_text(rows, comment=header)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -943,7 +929,7 @@ def write_landmark_table(path: str | Path, table: Mapping[str, Landmarks], layou
     conf = None if confidence is None else _check_confidence(table, confidence)
     coords = {case: _convert(lm.coords, "RAS", frame) for case, lm in table.items()}
     rows = _long_rows(coords, names, dims, conf) if layout == "long" else _wide_rows(coords, names, dims)
-    atomic_write_text(path, _csv_text(rows, comment=CSV_FRAME_COMMENT.replace("RAS", frame)))
+    atomic_write_text(path, csv_text(rows, comment=CSV_FRAME_COMMENT.replace("RAS", frame)))
 
 
 def write_landmarks(path: str | Path, lm: Landmarks, coordinate_system: CoordinateSystem | None = None,

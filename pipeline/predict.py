@@ -53,11 +53,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import errno
 import fnmatch
 import hashlib
-import io
 import json
 import math
 import os
@@ -70,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from heatmark.fileio import TMP_PREFIX, atomic_path, atomic_write_text, safe_case_name
+from heatmark.fileio import TMP_PREFIX, atomic_path, atomic_write_text, csv_cell, csv_text, safe_case_name
 
 __all__ = [
     "PredictUsageError",
@@ -201,20 +199,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _num(value: float) -> str:
-    """Full-precision number for CSV cells (NaN -> empty)."""
-    value = float(value)
-    return "" if math.isnan(value) else repr(value)
-
-
-def _csv_text(rows: Sequence[Sequence[Any]], comment: str | None = None) -> str:
-    buf = io.StringIO()
-    if comment:
-        buf.write(comment + "\n")
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
 
 
 def _per_axis(value: Any, d: int) -> np.ndarray:
@@ -839,16 +823,16 @@ class _Store:
                 write_landmark_table(path, table, confidence=conf)
             else:
                 header = ["case", "landmark", "name", *("x_mm", "y_mm", "z_mm")[: b.spatial_dims], "confidence"]
-                atomic_write_text(path, _csv_text([header], comment=CSV_FRAME_COMMENT))
+                atomic_write_text(path, csv_text([header], comment=CSV_FRAME_COMMENT))
         if b.measurement_names:
             rows: list[list[Any]] = [["case", *b.measurement_names]]
             for c in done:
                 m = self.states[c].get("measurements") or {}
-                rows.append([c, *("" if m.get(n) is None else _num(m[n]) for n in b.measurement_names)])
-            atomic_write_text(self.out / "measurements.csv", _csv_text(rows))
+                rows.append([c, *("" if m.get(n) is None else csv_cell(float(m[n])) for n in b.measurement_names)])
+            atomic_write_text(self.out / "measurements.csv", csv_text(rows))
         rows = [["case", "path", "error"]]
         rows += [[c, self.states[c].get("path", ""), self.states[c].get("error", "")] for c in failed]
-        atomic_write_text(self.out / "errors.csv", _csv_text(rows))
+        atomic_write_text(self.out / "errors.csv", csv_text(rows))
 
 
 def _remove_debris(folders: Sequence[Path]) -> None:

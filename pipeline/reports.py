@@ -19,10 +19,7 @@ by MONAI's PIL reader the right way up. Points are mapped to voxel coordinates w
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, csv_text
 from .geometry import spacing_from_affine, world_to_voxel
 from .landmarks import Landmarks, write_landmark_table
 from .metrics import DEFAULT_OUTLIER_RADII, DEFAULT_RADII, per_landmark_table, point_errors, summarize
@@ -104,25 +101,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI)
     return path
-
-
-def _fmt(value: Any) -> str:
-    """A CSV cell: full-precision floats (``inf`` kept, NaN as an empty cell), other values as text."""
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else repr(float(value))
-    return str(value)
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[_fmt(v) for v in row] for row in rows])
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
-# error plots
 
 
 def plot_error_per_landmark(
@@ -475,12 +453,12 @@ def write_evaluation(
     rows = per_landmark_table(e, names, radii=radii, outlier_radii=outlier_radii)
     header = ["landmark", *rows[0].keys()] if rows else ["landmark", "name"]
     atomic_write_text(paths["per_landmark"],
-                      _csv_text(header, [[i + 1, *row.values()] for i, row in enumerate(rows)]))
+                      csv_text([header, *([i + 1, *row.values()] for i, row in enumerate(rows))]))
     written["per_landmark"] = paths["per_landmark"]
 
     long_rows = [[case, i + 1, name, float(e[c, i])]
                  for c, case in enumerate(case_ids) for i, name in enumerate(names)]
-    atomic_write_text(paths["point_errors"], _csv_text(["case", "landmark", "name", "error_mm"], long_rows))
+    atomic_write_text(paths["point_errors"], csv_text([["case", "landmark", "name", "error_mm"], *long_rows]))
     written["point_errors"] = paths["point_errors"]
 
     table = {case: Landmarks(pred[c], names) for c, case in enumerate(case_ids)}
