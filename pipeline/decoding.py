@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import voxel_to_world
+from .geometry import output_to_input_voxels, voxel_to_world
 
 __all__ = ["DecodedLandmarks", "Peaks", "decode_heatmaps", "decode_peaks", "stride_to_input_grid", "METHODS"]
 
@@ -135,17 +135,9 @@ def _unravel(flat_index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def stride_to_input_grid(voxel: torch.Tensor, output_stride: IntOrSeq | None) -> torch.Tensor:
-    """Map ``(..., D)`` continuous voxel positions of an average-pooled output grid to the input grid.
-
-    Output voxel ``u`` of a pooling by ``s`` (kernel = stride = ``s``) averages input voxels
-    ``u s .. u s + s - 1``, so its centre is ``u s + (s - 1) / 2`` (per axis). ``None`` or 1 is the
-    identity.
-    """
-    s = _per_axis(output_stride, voxel.shape[-1], "output_stride", 1)
-    if all(v == 1 for v in s):
-        return voxel
-    st = torch.tensor(s, dtype=voxel.dtype, device=voxel.device)
-    return voxel * st + (st - 1) / 2
+    """Map ``(..., D)`` continuous voxel positions of an average-pooled output grid to the input grid
+    (``u s + (s - 1) / 2`` per axis; :func:`heatmark.geometry.output_to_input_voxels`)."""
+    return output_to_input_voxels(voxel, output_stride)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ __all__ = [
     "voxel_to_world",
     "spacing_from_affine",
     "sigma_mm_to_voxels",
+    "output_stride_matrix",
+    "output_to_input_voxels",
+    "input_to_output_voxels",
+    "output_grid_affine",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
@@ -123,3 +127,52 @@ def sigma_mm_to_voxels(sigma_mm: ArrayLike | float, affine: ArrayLike, spatial_d
     if spacing.ndim == 2:
         return s.unsqueeze(0) / spacing[:, None, :]
     return s / spacing
+
+
+def output_stride_matrix(output_stride: int | Sequence[int] | None, spatial_dims: int) -> torch.Tensor:
+    """``(D+1, D+1)`` map from a network's output-grid voxels to its input-grid voxels.
+
+    An output voxel ``u`` of a network that average-pools by ``s`` (kernel = stride = ``s``, as in
+    Payer's Downsampling-Net) averages input voxels ``u s .. u s + s - 1``, so its centre is input
+    position ``u s + (s - 1) / 2`` per axis. ``None`` or 1 is the identity. This is the one place
+    the convention lives: decoding, the loss targets and saved heatmaps all derive from it.
+    """
+    if output_stride is None:
+        st = [1.0] * spatial_dims
+    elif isinstance(output_stride, (int, np.integer)):
+        st = [float(output_stride)] * spatial_dims
+    else:
+        st = [float(v) for v in output_stride]
+        if len(st) == 1:
+            st = st * spatial_dims
+    if len(st) != spatial_dims or any(v < 1 for v in st):
+        raise ValueError(f"output_stride needs 1 or {spatial_dims} positive values, got {output_stride!r}")
+    m = torch.eye(spatial_dims + 1, dtype=torch.float64)
+    for i, v in enumerate(st):
+        m[i, i] = v
+        m[i, spatial_dims] = (v - 1.0) / 2.0
+    return m
+
+
+def output_to_input_voxels(points: torch.Tensor, output_stride: int | Sequence[int] | None) -> torch.Tensor:
+    """``(..., D)`` continuous output-grid voxel positions -> input-grid voxels (float64)."""
+    m = output_stride_matrix(output_stride, points.shape[-1])
+    if torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype)):
+        return points
+    return _apply(points.to(torch.float64), m.to(points.device))
+
+
+def input_to_output_voxels(points: torch.Tensor, output_stride: int | Sequence[int] | None) -> torch.Tensor:
+    """``(..., D)`` input-grid voxel positions -> the network's output grid (float64); the inverse
+    of :func:`output_to_input_voxels`."""
+    m = output_stride_matrix(output_stride, points.shape[-1])
+    if torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype)):
+        return points
+    return _apply(points.to(torch.float64), torch.linalg.inv(m).to(points.device))
+
+
+def output_grid_affine(affine: ArrayLike, output_stride: int | Sequence[int] | None = None) -> np.ndarray:
+    """Affine of a network's output grid from the input grid's ``(D+1, D+1)`` affine:
+    ``A_out = A_in @ output_stride_matrix(stride)``."""
+    a = np.asarray(affine, dtype=np.float64)
+    return a @ output_stride_matrix(output_stride, a.shape[0] - 1).numpy()

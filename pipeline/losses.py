@@ -20,25 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heatmark.geometry import input_to_output_voxels
 from heatmark.heatmaps import gaussian_heatmaps
 
-__all__ = ["HeatmapLoss", "input_to_output_voxels"]
+__all__ = ["HeatmapLoss"]
 
 LOSS_KINDS = ("l2", "bce")
 REDUCTIONS = ("mean", "sum")
-
-
-def input_to_output_voxels(points: torch.Tensor, output_stride: Sequence[int] | None) -> torch.Tensor:
-    """Map voxel positions on the network input grid to its output grid.
-
-    An output voxel ``j`` of a network that average-pools by ``s`` covers input voxels
-    ``j*s .. j*s + s-1``, so its centre is input position ``j*s + (s-1)/2``; hence
-    ``j = (i - (s-1)/2) / s``. Identity for stride 1.
-    """
-    if output_stride is None or all(int(s) == 1 for s in output_stride):
-        return points
-    s = torch.as_tensor([float(x) for x in output_stride], dtype=points.dtype, device=points.device)
-    return (points - (s - 1.0) / 2.0) / s
 
 
 class HeatmapLoss(nn.Module):

@@ -80,7 +80,6 @@ __all__ = [
     "run_predict",
     "find_inputs",
     "assign_case_names",
-    "output_grid_affine",
     "FORMATS",
     "DEFAULT_FORMATS",
     "IMAGE_SUFFIXES",
@@ -206,21 +205,6 @@ def _per_axis(value: Any, d: int) -> np.ndarray:
         return np.ones(d)
     arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
     return np.repeat(arr, d) if arr.size == 1 else arr[:d]
-
-
-def output_grid_affine(affine: Any, output_stride: Any = None) -> np.ndarray:
-    """Affine of a network's output grid from the input grid's ``(D+1, D+1)`` affine.
-
-    Output voxel ``u`` of a pooling by ``s`` is centred on input voxel ``u s + (s - 1) / 2``
-    (:func:`heatmark.decoding.stride_to_input_grid`), so ``A_out = A_in @ [[diag(s), (s-1)/2], [0, 1]]``.
-    """
-    a = np.asarray(affine, dtype=np.float64)
-    d = a.shape[0] - 1
-    s = _per_axis(output_stride, d)
-    m = np.eye(d + 1)
-    m[:d, :d] = np.diag(s)
-    m[:d, d] = (s - 1.0) / 2.0
-    return a @ m
 
 
 def _nifti_affine(affine: np.ndarray) -> np.ndarray:
@@ -716,6 +700,8 @@ def _save_heatmaps(path: Path, heatmap: Any, grid_affine: np.ndarray, output_str
     data = np.moveaxis(data, 0, -1)  # (*S, N)
     if data.ndim == 3:  # 2D: X x Y x 1 x N
         data = data[:, :, None, :]
+    from heatmark.geometry import output_grid_affine
+
     img = nib.Nifti1Image(np.ascontiguousarray(data), _nifti_affine(output_grid_affine(grid_affine, output_stride)))
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"heatmark heatmaps; landmarks along axis 4"

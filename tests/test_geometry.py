@@ -236,3 +236,17 @@ def test_elastic_field_is_invertible_and_smooth():
     assert grad <= 0.5 + 1e-6
     with pytest.raises(ValueError):
         RandLandmarkElastic(max_gradient=1.0)
+
+
+def test_output_stride_conventions_are_one_map():
+    from heatmark.geometry import input_to_output_voxels, output_grid_affine, output_to_input_voxels
+
+    u = torch.tensor([[0.0, 0.0, 0.0], [1.5, 2.0, 3.25]], dtype=torch.float64)
+    v = output_to_input_voxels(u, (1, 2, 4))
+    np.testing.assert_allclose(v.numpy(), [[0.0, 0.5, 1.5], [1.5, 4.5, 14.5]])
+    np.testing.assert_allclose(input_to_output_voxels(v, (1, 2, 4)).numpy(), u.numpy(), atol=1e-12)
+    assert output_to_input_voxels(u, None) is u
+    a = np.diag([0.5, 2.0, 1.0, 1.0])
+    np.testing.assert_allclose(voxel_to_world(u.numpy(), output_grid_affine(a, (1, 2, 4))), voxel_to_world(v.numpy(), a))
+    with pytest.raises(ValueError):
+        output_to_input_voxels(u, (2, 2))

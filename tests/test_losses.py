@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from heatmark.heatmaps import gaussian_heatmaps
-from heatmark.losses import HeatmapLoss, input_to_output_voxels
+from heatmark.geometry import input_to_output_voxels
+from heatmark.losses import HeatmapLoss
 
 
 def test_perfect_prediction_has_zero_loss_and_targets_are_on_device_grid():

@@ -19,6 +19,7 @@ from conftest import REPO_ROOT
 from heatmark import predict as P
 from heatmark.decoding import decode_heatmaps
 from heatmark.fileio import TMP_PREFIX
+from heatmark.geometry import output_grid_affine
 from heatmark.landmarks import CSV_FRAME_COMMENT, read_landmark_table, read_landmarks
 
 BUNDLE = REPO_ROOT / "bundles" / "isbi2015_cephalometric"
@@ -285,7 +286,7 @@ def test_heatmap_affine_accounts_for_output_stride(data):
     world = read_landmark_table(out / "landmarks.csv")["case02"].coords
     check_heatmaps(out / "case02_heatmaps.nii.gz", world, (32, 40))
     a_in = np.array([[2.0, 0, 5.0], [0, 3.0, -1.0], [0, 0, 1]])
-    a_out = P.output_grid_affine(a_in, (2, 4))
+    a_out = output_grid_affine(a_in, (2, 4))
     u = np.array([3.0, 7.0, 1.0])
     np.testing.assert_allclose(a_out @ u, a_in @ np.array([3 * 2 + 0.5, 7 * 4 + 1.5, 1.0]))
 
