@@ -986,24 +986,19 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
 # command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return parse
 
 
 def _spacing(text: str) -> list[float]:
@@ -1029,8 +1024,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", metavar="GLOB", help="take the files whose name (or path below INPUT) matches, "
                                                      "e.g. '*_t1.nii.gz'")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="cases per forward pass (default 1)")
-    p.add_argument("--num-workers", type=_count, default=None,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="cases per forward pass (default 1)")
+    p.add_argument("--num-workers", type=_int_at_least(0), default=None,
                    help="data loading processes (default min(4, CPUs); 0 loads in the main process)")
     p.add_argument("--spacing", type=_spacing, metavar="MM[,MM]",
                    help="pixel spacing in mm for images without one (PNG/JPEG...); "

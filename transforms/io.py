@@ -424,11 +424,15 @@ class LoadLandmarkImage(Transform):
         self._check_size(path, shape, comps)
         if not all(math.isfinite(s) and s > 0 for s in sp):  # ITK itself refuses zero spacing
             raise ImageLoadError(path, f"the header declares an invalid voxel spacing {_fmt(sp)}; spacing must be positive")
+        return self._read_itk_image(path, "itk")
+
+    def _read_itk_image(self, path: Path, kind: str):
+        """Pixels and RAS affine of one file through MONAI's ITKReader (header checks done by the caller)."""
         reader = ITKReader(affine_lps_to_ras=True)
         try:
             arr, meta = reader.get_data(reader.read(str(path)))
         except Exception as e:
-            raise self._read_failed(path, "itk", e) from e
+            raise self._read_failed(path, kind, e) from e
         return np.asarray(arr), np.asarray(meta["affine"], dtype=np.float64), {
             "channel_dim": meta.get("original_channel_dim"),
             "world_frame": "RAS",
@@ -518,16 +522,7 @@ class LoadLandmarkImage(Transform):
         spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
         self._check_size(path, (cols, rows) + ((frames,) if frames > 1 else ()), spp)
         if frames > 1:  # multi-frame volume: ITK/GDCM knows the per-frame geometry
-            reader = ITKReader(affine_lps_to_ras=True)
-            try:
-                arr, meta = reader.get_data(reader.read(str(path)))
-            except Exception as e:
-                raise self._read_failed(path, "dicom", e) from e
-            return np.asarray(arr), np.asarray(meta["affine"], dtype=np.float64), {
-                "channel_dim": meta.get("original_channel_dim"),
-                "world_frame": "RAS",
-                "header_spacing": True,
-            }
+            return self._read_itk_image(path, "dicom")
 
         # single frame: pixels from PydicomReader (axis 0 = columns), geometry from the tags
         try:
