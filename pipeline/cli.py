@@ -41,18 +41,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _bundle_configs(bundle: Path, main: str, extra: Sequence[str]) -> list[str]:
-    configs = bundle / "configs"
-    files = [configs / main]
-    for name in extra:
-        p = Path(name)
-        files.append(p if p.exists() else configs / name)
-    for f in files:
-        if not f.is_file():
-            raise UsageError(f"config not found: {f}")
-    return [str(f) for f in files]
-
-
 def _check_bundle(path: str) -> Path:
     bundle = Path(path)
     if not (bundle / "configs").is_dir():
@@ -71,12 +59,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if not args.no_tracking:
         kwargs["tracking"] = "mlflow"
+    from heatmark.predict import bundle_config_files
+
+    try:
+        files = bundle_config_files(bundle, ("train.yaml",), extra)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
     logging_file = bundle / "configs" / "logging.conf"
     run(
         run_id="training",
         bundle_root=str(bundle),
         meta_file=str(bundle / "configs" / "metadata.json"),
-        config_file=_bundle_configs(bundle, "train.yaml", extra),
+        config_file=[str(f) for f in files],
         logging_file=str(logging_file) if logging_file.exists() else None,
         **kwargs,
         **overrides,

@@ -449,15 +449,17 @@ def _resolve_device(name: str):
     return device
 
 
-def _config_files(bundle: Path, extra: Sequence[str]) -> list[Path]:
-    configs = bundle / "configs"
-    files = [configs / "train.yaml", configs / "inference.yaml"]
+def bundle_config_files(bundle: Path, main: Sequence[str], extra: Sequence[str] = ()) -> list[Path]:
+    """``bundle/configs/<main...>`` followed by the overlays ``extra`` (a path, or a name in
+    ``configs/``); ``FileNotFoundError`` names the first one missing."""
+    configs = Path(bundle) / "configs"
+    files = [configs / name for name in main]
     for name in extra:
         p = Path(name)
         files.append(p if p.is_file() else configs / name)
     for f in files:
         if not f.is_file():
-            raise PredictUsageError(f"config not found: {f}")
+            raise FileNotFoundError(f"config not found: {f}")
     return files
 
 
@@ -482,7 +484,10 @@ def _load_bundle(opts: PredictOptions) -> _Bundle:
         raise PredictUsageError(f"bundle folder not found: {bundle}")
     if not (bundle / "configs").is_dir():
         raise PredictUsageError(f"{bundle} is not a bundle folder (no configs/ inside)")
-    files = _config_files(bundle, opts.configs)
+    try:
+        files = bundle_config_files(bundle, ("train.yaml", "inference.yaml"), opts.configs)
+    except FileNotFoundError as e:
+        raise PredictUsageError(str(e)) from None
 
     from monai.bundle import ConfigParser
 
