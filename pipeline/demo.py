@@ -47,18 +47,6 @@ def _bundle_run(run_id: str, bundle: Path, configs: Sequence[str], **overrides: 
         config_file=files, logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
 
 
-def _nifti_affine(affine: Any) -> Any:
-    """A 4x4 NIfTI affine from a 3x3 (2D) or 4x4 affine."""
-    import numpy as np
-
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape == (4, 4):
-        return a
-    out = np.eye(4)
-    out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
-    return out
-
-
 MIDLINE_AFIDS = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa", "culmen",
                  "intermammillary sulcus", "pineal gland", "genu of CC", "splenium of CC")
 
@@ -104,6 +92,7 @@ def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cas
     from monai.transforms import Compose, RandAffined
 
     from heatmark.fileio import atomic_path
+    from heatmark.geometry import nifti_affine
     from heatmark.landmarks import Landmarks, write_landmark_table
     from heatmark.transforms import LoadLandmarkImaged, LoadLandmarksd, RandLandmarkElasticd
 
@@ -131,7 +120,7 @@ def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cas
         d = deform({"image": get("image_file"), "landmarks": get("landmarks_file")})
         image = d["image"]
         with atomic_path(out_dir / f"{case}.nii.gz") as tmp:
-            nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), _nifti_affine(image.affine)), str(tmp))
+            nib.save(nib.Nifti1Image(image[0].numpy().astype(np.float32), nifti_affine(image.affine)), str(tmp))
         table[case] = Landmarks(d["landmarks"].numpy(), names)
     truth = out_dir / "truth.csv"
     write_landmark_table(truth, table)

@@ -31,6 +31,7 @@ __all__ = [
     "output_to_input_voxels",
     "input_to_output_voxels",
     "output_grid_affine",
+    "nifti_affine",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
@@ -176,3 +177,15 @@ def output_grid_affine(affine: ArrayLike, output_stride: int | Sequence[int] | N
     ``A_out = A_in @ output_stride_matrix(stride)``."""
     a = np.asarray(affine, dtype=np.float64)
     return a @ output_stride_matrix(output_stride, a.shape[0] - 1).numpy()
+
+
+def nifti_affine(affine: ArrayLike) -> np.ndarray:
+    """A 4x4 affine for writing NIfTI from a 2D ``(3, 3)`` or 3D ``(4, 4)`` one (2D world x, y; z = 0)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (4, 4):
+        return a.copy()
+    if a.shape != (3, 3):
+        raise ValueError(f"affine must be 3x3 or 4x4, got {a.shape}")
+    out = np.eye(4)
+    out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
+    return out

@@ -207,17 +207,6 @@ def _per_axis(value: Any, d: int) -> np.ndarray:
     return np.repeat(arr, d) if arr.size == 1 else arr[:d]
 
 
-def _nifti_affine(affine: np.ndarray) -> np.ndarray:
-    """A 4x4 NIfTI affine from a 2D (3x3) or 3D (4x4) one; 2D world (x, y) with z = 0."""
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape == (4, 4):
-        return a.copy()
-    out = np.eye(4)
-    out[:2, :2] = a[:2, :2]
-    out[:2, 3] = a[:2, 2]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # inputs and case names
 
@@ -705,9 +694,9 @@ def _save_heatmaps(path: Path, heatmap: Any, grid_affine: np.ndarray, output_str
     data = np.moveaxis(data, 0, -1)  # (*S, N)
     if data.ndim == 3:  # 2D: X x Y x 1 x N
         data = data[:, :, None, :]
-    from heatmark.geometry import output_grid_affine
+    from heatmark.geometry import nifti_affine, output_grid_affine
 
-    img = nib.Nifti1Image(np.ascontiguousarray(data), _nifti_affine(output_grid_affine(grid_affine, output_stride)))
+    img = nib.Nifti1Image(np.ascontiguousarray(data), nifti_affine(output_grid_affine(grid_affine, output_stride)))
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"heatmark heatmaps; landmarks along axis 4"
     with atomic_path(path) as tmp:
