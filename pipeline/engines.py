@@ -51,6 +51,7 @@ __all__ = [
     "TrainingCheckpoint",
     "EarlyStopping",
     "TimeLimit",
+    "TimeCosineLR",
 ]
 
 logger = logging.getLogger(__name__)
@@ -645,3 +646,46 @@ class TimeLimit:
             logger.info("time limit of %.1f min reached at epoch %d, iteration %d: stopping",
                         self.minutes, engine.state.epoch, engine.state.iteration)
             engine.terminate()
+
+
+class TimeCosineLR:
+    """Cosine learning-rate annealing over a wall-time budget of ``minutes`` (pair it with
+    :class:`TimeLimit` of the same length): before every iteration each parameter group's rate is
+    ``eta_min + (initial_lr - eta_min) * (1 + cos(pi * t / T)) / 2`` with ``t`` the minutes since
+    the trainer started, so a run cut by a time limit still ends at a small rate whatever the
+    speed of the machine. ``initial_lr`` is kept in the optimizer's param groups (and so in its
+    checkpoint), as torch's schedulers do; after a resume the clock starts again from zero.
+    ``minutes <= 0`` disables it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, minutes: float = 0.0, eta_min: float = 0.0):
+        self.optimizer = optimizer
+        self.minutes = float(minutes)
+        self.eta_min = float(eta_min)
+        self._start: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.minutes > 0:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def _started(self, engine: Engine) -> None:
+        import time
+
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self._start = time.monotonic()
+
+    def lr_factor(self, elapsed_s: float) -> float:
+        """The cosine factor in [0, 1] after ``elapsed_s`` seconds."""
+        import math
+
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed_s / (60.0 * self.minutes))))
+
+    def __call__(self, engine: Engine) -> None:
+        import time
+
+        if self._start is None:
+            return
+        f = self.lr_factor(time.monotonic() - self._start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.eta_min + (group["initial_lr"] - self.eta_min) * f

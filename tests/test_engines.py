@@ -211,3 +211,29 @@ def test_time_limit_terminates_training(monkeypatch):
     TimeLimit(minutes=2).attach(trainer)
     trainer.run(range(100), max_epochs=5)
     assert trainer.state.iteration == 4  # 30 s per iteration, 120 s limit
+
+
+def test_time_cosine_lr_anneals_over_the_budget(monkeypatch):
+    import math
+    import time as _time
+
+    from heatmark.engines import TimeCosineLR, TimeLimit
+
+    clock = iter(range(0, 10_000, 15))  # every call advances 15 s
+    monkeypatch.setattr(_time, "monotonic", lambda: float(next(clock)))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    seen = []
+    trainer = Engine(lambda e, b: seen.append(opt.param_groups[0]["lr"]))
+    TimeCosineLR(opt, minutes=1, eta_min=1e-5).attach(trainer)
+    trainer.run(range(6), max_epochs=1)
+    # clock: 0 at STARTED, then 15, 30, ... s before iterations 1..6; capped at the 60 s budget
+    expected = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * min(1.0, t / 60))) for t in (15, 30, 45, 60, 75, 90)]
+    assert seen == pytest.approx(expected)
+    assert seen[-1] == pytest.approx(1e-5) and opt.param_groups[0]["initial_lr"] == 1e-3
+    # disabled: the rate is left alone, and TimeLimit(0) does not stop anything either
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    t2 = Engine(lambda e, b: None)
+    TimeCosineLR(opt2, minutes=0).attach(t2)
+    TimeLimit(minutes=0).attach(t2)
+    t2.run(range(3), max_epochs=2)
+    assert opt2.param_groups[0]["lr"] == 1e-3 and t2.state.iteration == 6
