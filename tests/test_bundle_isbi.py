@@ -133,3 +133,19 @@ def test_every_heatmap_network_trains_in_the_bundle(name, tmp_path):
     assert "val_mre" in proc.stdout + proc.stderr
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert state, "best model saved"
+
+
+def test_cpu_overlay_anneals_the_rate_over_the_time_budget(tmp_path):
+    """cpu.yaml (bench/isbi2015.py's settings): bf16 autocast and TimeCosineLR in place of the
+    epoch scheduler; the rate in the checkpoint has started down the cosine from its initial value."""
+    data = require_shared_data("isbi2015")
+    bundle = tmp_path / "isbi2015_cephalometric"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    proc = run(bundle_cmd(bundle, "training", ["train.yaml", "cpu.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+                          "--time_limit_minutes", "3"), cwd=tmp_path)
+    assert "val_mre" in proc.stdout + proc.stderr
+    ckpt = torch.load(next((bundle / "runs" / "checkpoints").glob("checkpoint*.pt")), weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == pytest.approx(1e-3)  # smoke.yaml's rate, the last overlay
+    assert 0.5e-3 < group["lr"] < group["initial_lr"]
+    assert ckpt["trainer"]["epoch"] == 2, "smoke's 2 epochs end long before the 3-minute limit"
