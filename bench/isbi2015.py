@@ -260,7 +260,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     data_dir = require_isbi()
     hw = header("bench/isbi2015.py")
-    print(hw, flush=True)
+    if args.runs:
+        print(hw, flush=True)
     for name in args.runs:
         full = RUNS[name].get("full", False)
         root = args.out / (name if full else f"{name}_{args.minutes:g}min")
