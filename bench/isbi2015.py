@@ -1,7 +1,7 @@
 """Accuracy on the ISBI 2015 cephalograms: train on ``train`` (150 images), evaluate on ``test1`` (150).
 
-Every run trains within the same wall-time budget (``--minutes``) on this machine and is
-evaluated on all 150 test1 images with the same statistics code (heatmark.metrics):
+Every run trains within a wall-time budget (``--minutes``; runs compared with each other use the
+same) on this machine and is evaluated on all 150 test1 images with the same statistics code (heatmark.metrics):
 
 - ``scn``:          the bundle ``isbi2015_cephalometric`` with ``configs/cpu.yaml`` (SCN 2019).
 - ``baseline``:     what a MONAI user would write without heatmark (:func:`train_monai_baseline`):
@@ -18,9 +18,11 @@ evaluated on all 150 test1 images with the same statistics code (heatmark.metric
 The inter-observer row compares ``landmarks_senior.csv`` with ``landmarks_junior.csv`` on the same
 test1 images; the published rows are figures from the papers, not runs of this script.
 
-Each run writes ``<out>/<run>/result.json``; a run whose result exists is not repeated unless
-``--rerun`` is given, so the runs can be spread over several invocations. The script ends with
-one markdown table of every finished run, and the per-landmark table of ``scn``.
+Each run writes ``<out>/<run>_<minutes>min/result.json`` (``<out>/scn_full`` for the full
+settings); a run whose result exists is not repeated unless ``--rerun`` is given, so the runs can
+be spread over several invocations. The script ends with markdown tables of every finished run in
+``<out>``: the statistics, the landmarks that failed on >= 90% of the images (error > 10 mm) with
+the statistics without them, and the per-landmark table of the longest ``scn`` run.
 
 Usage: python bench/isbi2015.py [--runs scn baseline ...] [--minutes 30] [--out bench/results/isbi2015]
        [--rerun] [--threads N]
@@ -87,7 +89,7 @@ def _overlay(spec: dict, width: int) -> str:
                             "num_landmarks": "@num_landmarks", "filters": width}
     if "train_cases" in spec:
         n = spec["train_cases"]
-        # n training cases and 2 for model selection (the first n + 2 of the train split)
+        # the first n + 2 cases of the train split: n for training and 2 for model selection
         o["datalist"] = (f"$heatmark.data.datalist_from_table(@dataset_dir + '/images', @landmarks_file, "
                          f"@train_cases)[:{n + 2}]")
         o["val_fraction"] = 2 / (n + 2)
