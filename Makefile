@@ -3,7 +3,8 @@
 #   make demo                  setup, then `heatmark demo`: fetch AFIDs MR data, train a 3D model on CPU
 #                              (about 10 minutes on 2 cores; faster on a GPU), evaluate, predict
 #   make test                  setup, then run the test suite
-#   make bench                 setup, then run the benchmark scripts in bench/
+#   make bench                 setup, then the speed/memory benchmarks in bench/ (about 15 min on 2 cores)
+#   make bench-isbi            setup, then the ISBI 2015 accuracy runs of the README (about 100 min on 2 cores)
 # Override the torch pin:      make test TORCH=torch==2.9.1
 # torch is installed first and then used as a pip constraint, so no later install can replace it
 # (a plain `torch` requirement would pull several GB of CUDA wheels on a CPU machine).
@@ -17,7 +18,7 @@ STAMP  := $(VENV)/.heatmark-setup
 CONSTRAINTS := $(VENV)/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-isbi clean
 DEMO_ARGS ?=
 
 setup: $(STAMP)
@@ -39,6 +40,16 @@ test: setup
 
 bench: setup
 	$(PY) bench/heatmaps.py
+	$(PY) bench/network_params.py
+	$(PY) bench/pipeline_overhead.py
+	$(PY) bench/predict_throughput.py --cases 150
+	$(PY) bench/predict_throughput.py --skip-2d --cpu-overlay --volumes 12
+	$(PY) bench/mixed_precision.py
+
+bench-isbi: setup
+	$(PY) bench/isbi2015.py --minutes 15 --runs scn baseline unet downsampling
+	$(PY) bench/isbi2015.py --minutes 5 --runs scn_10 unet_10
+	$(PY) bench/isbi2015.py --minutes 45 --runs scn
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
