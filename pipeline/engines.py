@@ -149,7 +149,22 @@ class LandmarkTrainer(SupervisedTrainer):
         Ctrl-C (``KeyboardInterrupt``) stops training with a message naming the last complete
         checkpoint (when a :class:`TrainingCheckpoint` is attached) and how to continue, and exits
         with status 130 (``SystemExit(130)``, the shell's convention for SIGINT)."""
+        import signal
+        import threading
+
         self.scaler = torch.amp.GradScaler("cuda") if self._use_scaler else None
+        # Ctrl-C is also remembered: a KeyboardInterrupt raised where Python ignores exceptions
+        # (a finaliser, a callback) would otherwise be lost; the next iteration raises it again
+        self._sigint = False
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                self._sigint = True
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        if not self.has_event_handler(self._raise_if_interrupted, Events.ITERATION_STARTED):
+            self.add_event_handler(Events.ITERATION_STARTED, self._raise_if_interrupted)
         try:
             Workflow.run(self)
         except KeyboardInterrupt:
@@ -161,6 +176,13 @@ class LandmarkTrainer(SupervisedTrainer):
             logger.error("training interrupted at epoch %s iteration %s; %s", self.state.epoch, self.state.iteration,
                          where)
             raise SystemExit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _raise_if_interrupted(self, engine: Engine) -> None:
+        if self._sigint:
+            raise KeyboardInterrupt
 
     _handle_exception = _handle_exception
 
