@@ -208,7 +208,7 @@ def train_monai_baseline(data_dir: Path, root: Path, minutes: float, size=(256, 
                 break
         if epoch % val_every == 0 or time.perf_counter() >= deadline:
             p, t = predict_mm(val_ds)
-            mre = float(np.nanmean(point_errors(p, t)))
+            mre = float(summarize(point_errors(p, t))["mean"])
             print(f"[baseline] epoch {epoch}: loss {loss.item():.4f}, validation MRE {mre:.2f} mm", flush=True)
             if mre < best:
                 best, best_state = mre, {k: v.clone() for k, v in net.state_dict().items()}
@@ -234,6 +234,10 @@ def inter_observer(data_dir: Path) -> dict:
 
 def _f(x, nd=2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _budget(result: dict) -> str:
+    return "no limit" if result["budget_minutes"] is None else f"{result['budget_minutes']:g} min"
 
 
 def row(label: str, m: dict, result: dict | None = None) -> list[str]:
@@ -293,8 +297,7 @@ def main() -> None:
     results = sorted((json.loads(f.read_text()) | {"dir": f.parent} for f in args.out.glob("*/result.json")),
                      key=lambda r: (order.get(r["run"], len(order)), r["budget_minutes"] or math.inf))
     for r in results:
-        budget = "no limit" if r["budget_minutes"] is None else f"{r['budget_minutes']:g} min"
-        rows.append(row(f"{r['label']}, {budget}", r["metrics"], r))
+        rows.append(row(f"{r['label']}, {_budget(r)}", r["metrics"], r))
     print()
     print(f"{hw}; {datetime.date.today().isoformat()}; results in {args.out}")
     print(table(COLUMNS, rows))
@@ -309,11 +312,9 @@ def main() -> None:
             for p in csv.DictReader(fh):
                 by_name.setdefault(p["name"], []).append(float(p["error_mm"]) if p["error_mm"] else math.nan)
         failed = [n for n, e in by_name.items() if np.mean(np.asarray(e) > 10.0) >= 0.9]
-        rest = np.array([e for n, es in by_name.items() if n not in failed for e in es])
-        rest = rest[~np.isnan(rest)]
-        budget = "no limit" if r["budget_minutes"] is None else f"{r['budget_minutes']:g} min"
-        frows.append([f"{r['label']}, {budget}", ", ".join(failed) or "none", _f(rest.mean()),
-                      _f(100 * np.mean(rest > 4.0), 1), _f(100 * np.mean(rest > 10.0), 2)])
+        m = summarize(np.array([e for n, e in by_name.items() if n not in failed]))  # (landmarks, cases)
+        frows.append([f"{r['label']}, {_budget(r)}", ", ".join(failed) or "none", _f(m["mean"]),
+                      _f(m["outliers_pct_4mm"], 1), _f(m["outliers_pct_10mm"], 2)])
     print(table(["run", "failed landmarks", "MRE mm, others", "> 4 mm %, others", "> 10 mm %, others"], frows))
     scn = [r for r in results if r["run"] == "scn" and (r["dir"] / "runs" / "eval" / "per_landmark.csv").is_file()]
     if scn:
