@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.transforms import GenerateHeatmap
 
-from heatmark.heatmaps import gaussian_heatmaps
+from heatmark.core.heatmaps import gaussian_heatmaps
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

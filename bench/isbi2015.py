@@ -1,7 +1,7 @@
 """Accuracy on the ISBI 2015 cephalograms: train on ``train`` (150 images), evaluate on ``test1`` (150).
 
 Every run trains within a wall-time budget (``--minutes``; runs compared with each other use the
-same) on this machine and is evaluated on all 150 test1 images with the same statistics code (heatmark.metrics):
+same) on this machine and is evaluated on all 150 test1 images with the same statistics code (heatmark.evaluation.metrics):
 
 - ``scn``:          the bundle ``isbi2015_cephalometric`` with ``configs/cpu.yaml`` (SCN 2019).
 - ``baseline``:     what a MONAI user would write without heatmark (:func:`train_monai_baseline`):
@@ -45,17 +45,19 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from _timing import REPO, header, require_isbi, table
 
+from heatmark.bundle import bundle_command
+from heatmark.core.geometry import voxel_to_world, world_to_voxel
 from heatmark.data import split_datalist
-from heatmark.fileio import atomic_write_text as atomic_write
+from heatmark.core.fileio import atomic_write_text as atomic_write
 from heatmark.landmarks import read_landmark_table
-from heatmark.metrics import point_errors, summarize
+from heatmark.evaluation.metrics import point_errors, summarize
 
 BUNDLE = REPO / "bundles" / "isbi2015_cephalometric"
-CONFIGS = BUNDLE / "configs"
 
 #: Published figures (test1, 150 images), for the table only.
 PUBLISHED = [
@@ -101,26 +103,23 @@ def run_bundle(name: str, spec: dict, data_dir: Path, root: Path, minutes: float
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "overlay.yaml"
     atomic_write(overlay, _overlay(spec, width))
-    configs = [str(CONFIGS / "train.yaml")] + ([] if spec.get("full") else [str(CONFIGS / "cpu.yaml")])
-    configs.append(str(overlay))
-    base = [sys.executable, "-m", "monai.bundle", "run"]
-    common = ["--bundle_root", str(root), "--meta_file", str(CONFIGS / "metadata.json"),
-              "--dataset_dir", str(data_dir), "--logging_file", str(CONFIGS / "logging.conf")]
-    train_args = [] if spec.get("full") else ["--time_limit_minutes", str(minutes)]
+    overlays = ([] if spec.get("full") else ["cpu.yaml"]) + [overlay]
+    common = {"bundle_root": root, "dataset_dir": data_dir}
+    train_args = {} if spec.get("full") else {"time_limit_minutes": minutes}
     log = root / "train.log"
     print(f"[{name}] training ({'full settings' if spec.get('full') else f'{minutes:g} min budget'}), "
           f"log: {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        subprocess.run(base + ["training", "--config_file", str(configs)] + common + train_args,
+        subprocess.run(bundle_command(BUNDLE, "training", overlays, **common, **train_args),
                        stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     train_s = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     epochs = len(re.findall(r"LandmarkTrainer - INFO - Epoch\[\d+\] Complete", text))
     print(f"[{name}] evaluating on test1", flush=True)
     with open(root / "eval.log", "w") as f:
-        subprocess.run(base + ["evaluating", "--config_file", str(configs + [str(CONFIGS / "evaluate.yaml")])]
-                       + common, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+        subprocess.run(bundle_command(BUNDLE, "evaluating", overlays, **common),
+                       stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     metrics = json.loads((root / "runs" / "eval" / "metrics.json").read_text())
     return {"metrics": metrics, "train_minutes": train_s / 60, "epochs": epochs}
 
@@ -146,20 +145,26 @@ def train_monai_baseline(data_dir: Path, root: Path, minutes: float, size=(256, 
     train_ids = (data_dir / "splits" / "train.txt").read_text().split()
     test_ids = (data_dir / "splits" / "test1.txt").read_text().split()
     tr, va = split_datalist([{"case": c} for c in train_ids], 0.1, seed)
-    in_shape = np.array([483, 600], float)  # the images' (x, y) shape; 0.4 mm pixels, origin 0.15 mm
-    origin, spacing = 0.15, 0.4
-    scale = np.array(size, float) / in_shape  # Resize: new = (old + 0.5) * scale - 0.5
-    mm_per_px = spacing / scale
+    def geometry(case: str) -> tuple[np.ndarray, np.ndarray]:
+        """The image's 2D affine (voxel index -> mm, from its header) and the Resize scale per axis."""
+        img = nib.load(str(data_dir / "images" / f"{case}.nii.gz"))
+        affine = np.eye(3)
+        affine[:2, :2], affine[:2, 2] = img.affine[:2, :2], img.affine[:2, 3]
+        return affine, np.array(size, float) / np.array(img.shape[:2], float)  # Resize: new = (old + 0.5) * s - 0.5
 
-    def to_px(mm: np.ndarray) -> np.ndarray:
-        return ((mm - origin) / spacing + 0.5) * scale - 0.5
+    def to_px(mm: np.ndarray, affine: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return (world_to_voxel(mm, affine) + 0.5) * scale - 0.5
 
-    def to_mm(px: np.ndarray) -> np.ndarray:
-        return ((px + 0.5) / scale - 0.5) * spacing + origin
+    def to_mm(px: np.ndarray, affine: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return voxel_to_world((px + 0.5) / scale - 0.5, affine)
 
     def items(ids):
-        return [{"image": str(data_dir / "images" / f"{c}.nii.gz"),
-                 "points": to_px(table_[c].coords).astype(np.float32), "case": c} for c in ids]
+        out = []
+        for c in ids:
+            affine, scale = geometry(c)
+            out.append({"image": str(data_dir / "images" / f"{c}.nii.gz"), "case": c, "affine2d": affine,
+                        "scale": scale, "points": to_px(table_[c].coords, affine, scale).astype(np.float32)})
+        return out
 
     deterministic = [
         LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
@@ -187,10 +192,12 @@ def train_monai_baseline(data_dir: Path, root: Path, minutes: float, size=(256, 
                     h = net(d["image"]).float()
                 flat = h.flatten(2).argmax(-1)  # (B, N), row-major over (x, y)
                 px = torch.stack([flat // h.shape[-1], flat % h.shape[-1]], -1).numpy()
-                preds.append(to_mm(px))
-                truths.append(to_mm(d["points"].numpy()))
+                for i in range(px.shape[0]):
+                    affine, scale = d["affine2d"][i].double().numpy(), d["scale"][i].double().numpy()
+                    preds.append(to_mm(px[i].astype(np.float64), affine, scale))
+                    truths.append(to_mm(d["points"][i].double().numpy(), affine, scale))
         net.train()
-        return np.concatenate(preds), np.concatenate(truths)
+        return np.stack(preds), np.stack(truths)
 
     best, best_state, epoch = math.inf, None, 0
     t0 = time.perf_counter()
@@ -218,6 +225,8 @@ def train_monai_baseline(data_dir: Path, root: Path, minutes: float, size=(256, 
     errors = point_errors(p, t)
     metrics = summarize(errors)
     atomic_write(root / "metrics.json", json.dumps(metrics, indent=1))
+    affine, scale = geometry(test_ids[0])
+    mm_per_px = np.linalg.norm(affine[:2, :2], axis=0) / scale
     return {"metrics": metrics, "train_minutes": train_s / 60, "epochs": epoch,
             "mm_per_pixel": mm_per_px.round(4).tolist()}
 

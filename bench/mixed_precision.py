@@ -1,6 +1,6 @@
 """Training-step time and peak memory: fp32 vs. bf16 autocast on the CPU (and fp16/bf16 on CUDA).
 
-The step is ``LandmarkTrainer``'s: forward under ``heatmark.engines.autocast_context`` (CPU:
+The step is ``LandmarkTrainer``'s: forward under ``heatmark.training.autocast_context`` (CPU:
 ``torch.autocast('cpu', bfloat16)``; CUDA: fp16 with a GradScaler, or bf16), the loss
 (``HeatmapLoss``, targets rendered on the device) in float32, backward, Adam step. Inputs are random
 images with random landmark positions, so no data is needed. Settings:
@@ -25,8 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from _timing import header, maxrss_mib, median, table, time_steps
 
-from heatmark.engines import autocast_context
-from heatmark.losses import HeatmapLoss
+from heatmark.training import autocast_context
+from heatmark.training.losses import HeatmapLoss
 from heatmark.networks import SpatialConfigurationNet
 
 

@@ -1,6 +1,6 @@
 """Training-step throughput: the bundle's full data pipeline vs. the same step on a batch in memory.
 
-Built from ``bundles/isbi2015_cephalometric/configs/train.yaml`` with MONAI's ``ConfigParser``
+Built from the ``isbi2015_cephalometric`` bundle's training configs with MONAI's ``ConfigParser``
 (``dataset_dir`` = ../shared/data/isbi2015): ``train#dataloader`` (CacheDataset of the deterministic
 preprocessing, then per step RandAffined, RandLandmarkElasticd, intensity augmentation and
 WorldToVoxeld in ``--num-workers`` worker processes), ``network``, ``loss_function`` (targets
@@ -29,21 +29,22 @@ import torch
 from _timing import REPO, header, median, require_isbi, table, time_steps
 from monai.bundle import ConfigParser
 
-from heatmark.engines import LandmarkPrepareBatch
+from heatmark.bundle import bundle_config_files
+from heatmark.training import LandmarkPrepareBatch
 
 BUNDLE = REPO / "bundles" / "isbi2015_cephalometric"
 
 
 def build(data_dir, filters: int, cases: int, num_workers: int) -> dict:
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.read_config([str(f) for f in bundle_config_files(BUNDLE, "training")])
     parser["bundle_root"] = str(BUNDLE)
     parser["dataset_dir"] = str(data_dir)
     parser["device"] = "$torch.device('cpu')"
     parser["num_workers"] = num_workers
     parser["network_def#filters"] = filters
     if cases:
-        parser["train#dataset#data"] = f"$@train_datalist[:{cases}]"
+        parser["train#dataset#data"] = f"$@train_datalist_checked[:{cases}]"
     parser["initialize"] = []
     torch.manual_seed(0)
     t0 = time.perf_counter()

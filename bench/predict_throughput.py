@@ -17,7 +17,7 @@ overhead = t_predict / t_forward - 1. Peak memory: ``resource.getrusage`` ru_max
 the CPU has no allocator statistics, so no tensor-level peak is reported.
 
 2D: ``isbi2015_cephalometric`` on the first ``--cases`` ISBI test1 images (../shared/data/isbi2015).
-3D: ``afids_brain_mr`` (train.yaml + inference.yaml, ``--cpu-overlay`` adds cpu.yaml) on
+3D: ``afids_brain_mr`` (its inference configs, ``--cpu-overlay`` adds cpu.yaml) on
 ``--volumes`` synthetic T1w-like NIfTI volumes of 256 x 256 x 180 voxels at 1 mm written to a
 temporary folder (no 3D data of that size ships).
 
@@ -42,6 +42,7 @@ import torch
 from _timing import REPO, header, maxrss_mib, median, require_isbi, table, time_steps
 from monai.bundle import ConfigParser
 
+from heatmark.bundle import bundle_config_files
 from heatmark.predict import PredictOptions, run_predict
 
 
@@ -49,7 +50,7 @@ def random_bundle(src: Path, dst: Path, configs: list[str]) -> tuple[torch.nn.Mo
     """Copy the bundle's configs to ``dst``, save a random-weight model there; the network and input size."""
     shutil.copytree(src / "configs", dst / "configs")
     parser = ConfigParser()
-    parser.read_config([str(dst / "configs" / c) for c in ["train.yaml", "inference.yaml", *configs]])
+    parser.read_config([str(f) for f in bundle_config_files(dst, "inference", configs)])
     parser["bundle_root"] = str(dst)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")

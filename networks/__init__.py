@@ -4,7 +4,8 @@ Every heatmap network maps ``(B, in_channels, *S)`` to ``(B, num_landmarks, *S)`
 Downsampling-Net to ``*floor(S / output_stride)``); the last conv has ``num_landmarks`` outputs
 and no activation (the 2019 SCN's spatial tanh is part of its design). The coordinate regression
 net maps ``(B, C, *S)`` to ``(B, N, D)`` coordinates normalised to ``0..1`` per array axis.
-This package imports only torch and MONAI.
+This package imports only torch, MONAI and :mod:`heatmark.core` (geometry and the one Gaussian
+heatmap function, used by the coordinate-regression fusion).
 """
 
 from .blocks import HeatmapNetwork

@@ -2,8 +2,8 @@
 
 Everything here is ``spatial_dims``-generic: convolutions and pooling layers come from MONAI's
 layer factories (``Conv[Conv.CONV, spatial_dims]``, ``Pool[Pool.AVG, spatial_dims]``),
-activations from :func:`monai.networks.layers.utils.get_act_layer`. This module imports only
-torch and MONAI.
+activations from :func:`monai.networks.layers.utils.get_act_layer`. The networks import only
+torch, MONAI and :mod:`heatmark.core`.
 
 Shapes: ``B`` batch, ``C`` channels, ``N`` landmarks, ``D`` spatial dims (2 or 3), ``*S`` spatial
 size (``D`` values).
@@ -21,6 +21,8 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
+from heatmark.core.axes import per_axis
+
 __all__ = [
     "ActType",
     "HeatmapNetwork",
@@ -28,6 +30,7 @@ __all__ = [
     "avg_pool",
     "check_spatial_dims",
     "conv",
+    "conv_stack",
     "crop_to",
     "init_heatmap_conv_",
     "init_hidden_conv_",
@@ -35,7 +38,6 @@ __all__ = [
     "pad_to_multiple",
     "resize",
     "resolve_upsample_mode",
-    "tuple_rep",
 ]
 
 #: An activation as accepted by :func:`monai.networks.layers.utils.get_act_layer`:
@@ -48,16 +50,6 @@ def check_spatial_dims(spatial_dims: int) -> int:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     return int(spatial_dims)
-
-
-def tuple_rep(value: int | Sequence[int], spatial_dims: int, name: str = "value") -> tuple[int, ...]:
-    """``value`` as a tuple of ``spatial_dims`` ints (an int is repeated)."""
-    if isinstance(value, int):
-        return (value,) * spatial_dims
-    out = tuple(int(v) for v in value)
-    if len(out) != spatial_dims:
-        raise ValueError(f"{name} needs {spatial_dims} values (one per spatial axis), got {value!r}")
-    return out
 
 
 def conv(
@@ -73,7 +65,7 @@ def conv(
     Built with MONAI's ``Conv[Conv.CONV, spatial_dims]`` factory; kernel sizes must be odd so
     that the output stays aligned with the input voxel grid.
     """
-    k = tuple_rep(kernel_size, spatial_dims, "kernel_size")
+    k = per_axis(kernel_size, spatial_dims, "kernel_size")
     if any(ki < 1 or ki % 2 == 0 for ki in k):
         raise ValueError(f"kernel sizes must be odd and positive (same padding), got {k}")
     conv_type = Conv[Conv.CONV, spatial_dims]
@@ -87,12 +79,27 @@ def conv(
     )
 
 
+def conv_stack(spatial_dims: int, in_channels: int, filters: int, num_convs: int, kernel_size: int | Sequence[int],
+               act: ActType = "relu", padding_mode: str = "zeros") -> nn.Sequential:
+    """``num_convs`` x (same-padded conv with He init, activation): ``(B, in_channels, *S)`` ->
+    ``(B, filters, *S)`` (``in_channels`` when ``num_convs`` is 0). Layers are numbered conv, act,
+    conv, act ... in one ``nn.Sequential``."""
+    layers: list[nn.Module] = []
+    ch = in_channels
+    for _ in range(num_convs):
+        c = conv(spatial_dims, ch, filters, kernel_size, padding_mode)
+        init_hidden_conv_(c, act)
+        layers += [c, act_layer(act)]
+        ch = filters
+    return nn.Sequential(*layers)
+
+
 def avg_pool(spatial_dims: int, factor: int | Sequence[int]) -> nn.Module:
     """Average pooling by ``factor`` (kernel = stride = factor), MONAI ``Pool[Pool.AVG, dims]``.
 
     ``(B, C, *S) -> (B, C, *floor(S / factor))``.
     """
-    f = tuple_rep(factor, spatial_dims, "factor")
+    f = per_axis(factor, spatial_dims, "factor")
     return Pool[Pool.AVG, spatial_dims](kernel_size=f, stride=f)
 
 
@@ -227,9 +234,8 @@ class HeatmapNetwork(nn.Module):
         num_landmarks: number of landmarks ``N`` (output heatmap channels).
         output_stride: per spatial axis, input voxels per output voxel (1s except for
             :class:`~heatmark.networks.DownsamplingNet`).
-        output_offset: per spatial axis, input voxel coordinate of output voxel 0; output voxel
-            ``j`` is centred on input voxel ``j * output_stride + output_offset`` (0 for
-            full-resolution nets; ``(stride - 1) / 2`` for average-pooled outputs).
+            Output voxel ``j`` is centred on input voxel ``j * s + (s - 1) / 2``: the convention of
+            :func:`heatmark.core.geometry.output_to_input_voxels`, used by decoding and the loss.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_landmarks: int) -> None:
@@ -242,17 +248,10 @@ class HeatmapNetwork(nn.Module):
         self.in_channels = int(in_channels)
         self.num_landmarks = int(num_landmarks)
         self.output_stride: tuple[int, ...] = (1,) * self.spatial_dims
-        self.output_offset: tuple[float, ...] = (0.0,) * self.spatial_dims
 
     def output_spatial_size(self, input_spatial_size: Sequence[int]) -> tuple[int, ...]:
         """Spatial size of the output for an input of ``input_spatial_size``."""
         return tuple(int(s) // st for s, st in zip(input_spatial_size, self.output_stride))
-
-    def output_to_input_voxel(self, coords: torch.Tensor) -> torch.Tensor:
-        """Map voxel coordinates (..., D) on the output grid to input voxel coordinates."""
-        stride = torch.as_tensor(self.output_stride, dtype=coords.dtype, device=coords.device)
-        offset = torch.as_tensor(self.output_offset, dtype=coords.dtype, device=coords.device)
-        return coords * stride + offset
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != self.spatial_dims + 2:

@@ -17,6 +17,8 @@ import torch
 from monai.networks.layers.factories import Pool
 from torch import nn
 
+from heatmark.core.heatmaps import gaussian_heatmaps
+
 from .blocks import ActType, HeatmapNetwork, act_layer, avg_pool, conv, init_hidden_conv_
 
 __all__ = [
@@ -121,8 +123,8 @@ def fuse_heatmaps_with_coordinates(
 ) -> torch.Tensor:
     """Multiply each heatmap by a Gaussian (peak 1) around the regressed point of its landmark.
 
-    ``heatmaps * prod_d exp(-(x_d - c_d)^2 / (2 sigma_d^2))``, evaluated separably (one 1-D
-    Gaussian per axis, broadcast product), so it costs O(N * voxels). A maximum far from the
+    ``heatmaps * prod_d exp(-(x_d - c_d)^2 / (2 sigma_d^2))``, rendered by
+    :func:`heatmark.core.heatmaps.gaussian_heatmaps` (separable, exact at sub-voxel positions, O(N * voxels)). A maximum far from the
     regressed point is damped, one close to it is kept; the result is then decoded as usual.
 
     Args:
@@ -151,17 +153,8 @@ def fuse_heatmaps_with_coordinates(
     sigma = torch.as_tensor(sigma_voxels, device=heatmaps.device, dtype=dtype)
     if bool((sigma <= 0).any()):
         raise ValueError("sigma_voxels must be > 0")
-    sigma = torch.broadcast_to(sigma, (b, n, d))
-    missing = torch.isnan(coords).any(dim=-1)  # (B, N)
-    coords = torch.where(missing[..., None], torch.zeros_like(coords), coords)
-    weight: torch.Tensor | None = None
-    for axis in range(d):
-        grid = torch.arange(spatial[axis], device=heatmaps.device, dtype=dtype)
-        g = torch.exp(-0.5 * ((grid - coords[..., axis : axis + 1]) / sigma[..., axis : axis + 1]) ** 2)
-        shape = [b, n] + [1] * d
-        shape[2 + axis] = spatial[axis]
-        g = g.reshape(shape)  # (B, N, 1, .., S_axis, .., 1)
-        weight = g if weight is None else weight * g
-    assert weight is not None
-    weight = torch.where(missing.reshape([b, n] + [1] * d), torch.ones_like(weight), weight)
+    # peak-1 Gaussians from the one heatmap function; a missing landmark (zero channel there) keeps weight 1
+    weight = gaussian_heatmaps(coords, spatial, torch.broadcast_to(sigma, (b, n, d)), dtype=dtype)
+    missing = torch.isnan(coords).any(dim=-1).reshape([b, n] + [1] * d)
+    weight = torch.where(missing, torch.ones_like(weight), weight)
     return (heatmaps.to(dtype) * weight).to(heatmaps.dtype)

@@ -20,12 +20,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from heatmark.core.axes import per_axis
+
 from .blocks import (
     ActType,
     HeatmapNetwork,
     act_layer,
     avg_pool,
     conv,
+    conv_stack,
     crop_to,
     init_heatmap_conv_,
     init_hidden_conv_,
@@ -33,7 +36,6 @@ from .blocks import (
     pad_to_multiple,
     resize,
     resolve_upsample_mode,
-    tuple_rep,
 )
 
 __all__ = ["SpatialConfigurationNet"]
@@ -202,11 +204,11 @@ class SpatialConfigurationNet(HeatmapNetwork):
             spatial_downsample = (16 if d == 2 else 8) if is2019 else 8
         if spatial_kernel_size is None:
             spatial_kernel_size = (11 if d == 2 else 7) if is2019 else (15 if d == 2 else 7)
-        self.spatial_downsample = tuple_rep(spatial_downsample, d, "spatial_downsample")
+        self.spatial_downsample = per_axis(spatial_downsample, d, "spatial_downsample")
         self.spatial_upsample_mode = resolve_upsample_mode(spatial_upsample_mode, d, default_cubic=is2019)
         self.input_pad_mode = input_pad_mode
         self.padding_mode = padding_mode
-        self._spatial_half_kernel = max(tuple_rep(spatial_kernel_size, d, "spatial_kernel_size")) // 2
+        self._spatial_half_kernel = max(per_axis(spatial_kernel_size, d, "spatial_kernel_size")) // 2
 
         # local appearance
         if is2019:
@@ -217,14 +219,7 @@ class SpatialConfigurationNet(HeatmapNetwork):
             )
             local_multiple = 2 ** (num_levels - 1)
         else:
-            layers: list[nn.Module] = []
-            ch = in_channels
-            for _ in range(num_local_convs):
-                c = conv(d, ch, filters, local_kernel_size, padding_mode)
-                init_hidden_conv_(c, act)
-                layers += [c, act_layer(act)]
-                ch = filters
-            self.local = nn.Sequential(*layers)
+            self.local = conv_stack(d, in_channels, filters, num_local_convs, local_kernel_size, act, padding_mode)
             local_multiple = 1
         self.local_heatmaps = conv(d, filters, num_landmarks, local_heatmap_kernel_size, padding_mode)
         init_heatmap_conv_(self.local_heatmaps, std)
@@ -232,14 +227,9 @@ class SpatialConfigurationNet(HeatmapNetwork):
         # spatial configuration
         self.spatial_pool = avg_pool(d, self.spatial_downsample)
         if is2019:
-            layers = []
-            ch = num_landmarks
-            for _ in range(num_spatial_convs):
-                c = conv(d, ch, filters, spatial_kernel_size, padding_mode)
-                init_hidden_conv_(c, act)
-                layers += [c, act_layer(act)]
-                ch = filters
-            self.spatial = nn.Sequential(*layers)
+            self.spatial = conv_stack(d, num_landmarks, filters, num_spatial_convs, spatial_kernel_size, act,
+                                      padding_mode)
+            ch = filters if num_spatial_convs else num_landmarks
             self.spatial_heatmaps: nn.Module = conv(d, ch, num_landmarks, spatial_kernel_size, padding_mode)
             init_heatmap_conv_(self.spatial_heatmaps, std)
             self.spatial_activation: nn.Module = nn.Tanh()

@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ActType, HeatmapNetwork, act_layer, avg_pool, conv, init_heatmap_conv_, init_hidden_conv_
+from .blocks import (
+    ActType,
+    HeatmapNetwork,
+    act_layer,
+    avg_pool,
+    conv,
+    conv_stack,
+    init_heatmap_conv_,
+    init_hidden_conv_,
+)
 
 __all__ = ["ConvOnlyNet", "DownsamplingNet"]
 
@@ -23,8 +32,8 @@ class DownsamplingNet(HeatmapNetwork):
 
     Input ``(B, in_channels, *S)`` -> heatmaps ``(B, num_landmarks, *floor(S / output_stride))``
     with ``output_stride = 2 ** num_blocks`` per axis. Output voxel ``j`` is centred on input voxel
-    ``j * output_stride + (output_stride - 1) / 2`` (:attr:`output_offset`; use
-    :meth:`output_to_input_voxel`). Trailing input voxels beyond a multiple of the stride are
+    ``j * output_stride + (output_stride - 1) / 2``
+    (:func:`heatmark.core.geometry.output_to_input_voxels`). Trailing input voxels beyond a multiple of the stride are
     dropped by the pooling.
 
     Args:
@@ -79,7 +88,6 @@ class DownsamplingNet(HeatmapNetwork):
         init_heatmap_conv_(self.heatmaps, std)
         stride = 2**num_blocks
         self.output_stride = (stride,) * d
-        self.output_offset = ((stride - 1) / 2.0,) * d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, N, *floor(S / output_stride))``."""
@@ -121,15 +129,8 @@ class ConvOnlyNet(HeatmapNetwork):
         filters = filters or (128 if d == 2 else 32)
         kernel_size = kernel_size or (11 if d == 2 else 5)
         std = heatmap_init_std or _default_std(d)
-        layers: list[nn.Module] = []
-        ch = in_channels
-        for _ in range(num_convs):
-            c = conv(d, ch, filters, kernel_size, padding_mode)
-            init_hidden_conv_(c, act)
-            layers += [c, act_layer(act)]
-            ch = filters
-        self.features = nn.Sequential(*layers)
-        self.heatmaps = conv(d, ch, num_landmarks, 1)
+        self.features = conv_stack(d, in_channels, filters, num_convs, kernel_size, act, padding_mode)
+        self.heatmaps = conv(d, filters if num_convs else in_channels, num_landmarks, 1)
         init_heatmap_conv_(self.heatmaps, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,37 @@
 """The ``heatmark`` command line: a thin layer over the library and MONAI bundles.
 
 Exit status: 0 success, 1 failure of the work itself (e.g. some inputs failed), 2 usage errors.
+
+Start-up: torch and MONAI take seconds to import, so this module imports them (through the rest of
+heatmark) only for the command that runs: ``heatmark --help``, ``--version`` and ``configs`` answer
+at once. Commands defined beside their code (:data:`COMMANDS`) are loaded by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+import yaml
+
 from heatmark import __version__
+from heatmark.bundle import CONFIG_DIR, WORKFLOWS, BundleError, bundle_config_files, config_file_arg, run_bundle
 
 __all__ = ["build_parser", "main", "parse_overrides"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: commands defined beside their code: name -> (module, function adding its parser, one-line help for
+#: ``heatmark --help``; tests/test_cli_data.py checks it against the command's own)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "predict": ("heatmark.predict.cli", "add_predict_parser",
+                "run a trained bundle over images: landmarks in world mm (CSV, Slicer)"),
+    "demo": ("heatmark.demo", "add_demo_parser", "train, evaluate and predict on real MR data in one go"),
+    "data": ("heatmark.data.fetch", "add_data_parser", "download public example data (AFIDs brain MR landmarks)"),
+}
 
 
 class UsageError(Exception):
@@ -27,8 +43,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
     Values are read as YAML (numbers, booleans, lists, null); anything else stays a string.
     """
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -41,88 +55,41 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _check_bundle(path: str) -> Path:
-    bundle = Path(path)
-    if not (bundle / "configs").is_dir():
-        raise UsageError(f"{bundle} is not a bundle folder (no configs/ inside)")
-    return bundle
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from monai.bundle import run
-
-    bundle = _check_bundle(args.bundle)
-    extra = list(args.config or []) + (["smoke.yaml"] if args.smoke else [])
+    overlays = list(args.config or []) + (["smoke.yaml"] if args.smoke else [])
     overrides = parse_overrides(args.set or [])
     if args.resume:
         overrides["resume"] = True
-    kwargs: dict[str, Any] = {}
-    if not args.no_tracking:
-        kwargs["tracking"] = "mlflow"
-    from heatmark.predict import bundle_config_files
+    run_bundle(args.bundle, "training", overlays, tracking=None if args.no_tracking else "mlflow", **overrides)
+    return EXIT_OK
 
-    try:
-        files = bundle_config_files(bundle, ("train.yaml",), extra)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    logging_file = bundle / "configs" / "logging.conf"
-    run(
-        run_id="training",
-        bundle_root=str(bundle),
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        config_file=[str(f) for f in files],
-        logging_file=str(logging_file) if logging_file.exists() else None,
-        **kwargs,
-        **overrides,
-    )
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    if args.bundle is None:
+        print(CONFIG_DIR)
+    else:
+        print(config_file_arg(bundle_config_files(args.bundle, args.workflow, args.overlays)))
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
+    from heatmark.evaluation.evaluate import evaluate_tables, summary_lines  # lazy: CLI start-up (torch)
 
-    from heatmark.landmarks import read_landmark_table
-    from heatmark.metrics import normalize_by_reference, point_errors, summarize
-    from heatmark.reports import write_evaluation
-
-    pred_table = read_landmark_table(args.pred)
-    truth_table = read_landmark_table(args.truth)
-    cases = [c for c in truth_table if c in pred_table]
-    if not cases:
-        raise UsageError(f"no case of {args.truth} appears in {args.pred}")
-    missing = [c for c in truth_table if c not in pred_table]
-    names = list(next(iter(truth_table.values())).names)
-    pred_dims, truth_dims = pred_table[cases[0]].coords.shape[1], truth_table[cases[0]].coords.shape[1]
-    if pred_dims != truth_dims:
-        raise ValueError(f"{args.pred} holds {pred_dims}D landmarks but {args.truth} holds {truth_dims}D landmarks")
-    pred_names = set(pred_table[cases[0]].names)
-    if not pred_names & set(names):
-        raise ValueError(f"{args.pred} shares no landmark name with {args.truth} "
-                         f"(e.g. {sorted(pred_names)[0]!r} vs {names[0]!r})")
-    pred = np.stack([pred_table[c].select(names).coords for c in cases])
-    truth = np.stack([truth_table[c].coords for c in cases])
-    errors = point_errors(pred, truth)
-    if args.normalize:
-        a, _, b = args.normalize.partition(",")
-        errors = normalize_by_reference(pred, truth, (a.strip(), b.strip()), names, args.length)
-    out = Path(args.output)
-    files = write_evaluation(out, errors, cases, names, pred, truth)
-    s = summarize(errors)
-    print(f"{len(cases)} cases x {len(names)} landmarks" + (f" ({len(missing)} cases without prediction)" if missing else ""))
-    print(f"MRE {s['mean']:.2f} +- {s['sd']:.2f} mm, median {s['median']:.2f} mm, max {s['max']:.2f} mm")
-    print("SDR " + ", ".join(f"{k[4:-2]} mm {v:.1f}%" for k, v in s.items() if k.startswith("sdr_")))
-    print(f"outliers > 10 mm: {s['outliers_10mm']} ({s['outliers_pct_10mm']:.2f}%); not detected: {s['n_not_detected']}")
-    print(f"written: {', '.join(str(p) for p in files.values())}")
+    normalize = [n.strip() for n in args.normalize.split(",", 1)] if args.normalize else None
+    result = evaluate_tables(args.pred, args.truth, args.output, normalize, args.length)
+    print("\n".join(summary_lines(result)))
     return EXIT_OK
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from heatmark.tracking import run_ui
+    from heatmark.training.tracking import run_ui  # lazy: CLI start-up (torch, MONAI, mlflow)
 
     return run_ui(args.store, host=args.host, port=args.port)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``heatmark`` parser. Of the :data:`COMMANDS`, only ``command``'s module is imported and
+    its full parser added; the others appear in the command list with their one-line help."""
     parser = argparse.ArgumentParser(
         prog="heatmark",
         description="Anatomical landmark localization by heatmap regression (2D radiographs, 3D CT/MR), built on MONAI.",
@@ -131,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a bundle (MLflow tracking on by default)",
-                       description="Short form of `python -m monai.bundle run training` on BUNDLE/configs/train.yaml.")
+                       description="Short form of `python -m monai.bundle run training` with heatmark's base config "
+                                   "and BUNDLE/configs/train.yaml (see `heatmark configs`).")
     p.add_argument("bundle", help="bundle folder, e.g. bundles/isbi2015_cephalometric")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), "
                    "e.g. --set dataset_dir=../shared/data/isbi2015 --set max_epochs=10")
@@ -141,13 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
 
-    from heatmark.datasets import add_data_parser
-    from heatmark.demo import add_demo_parser
-    from heatmark.predict import add_predict_parser
+    p = sub.add_parser("configs", help="the config files of a bundle workflow, for `python -m monai.bundle run`",
+                       description="Without BUNDLE: the folder of the configs shipped with heatmark (base.yaml, "
+                                   "evaluate.yaml, inference.yaml, multi_gpu_train.yaml, logging.conf). With BUNDLE: "
+                                   "the --config_file value of WORKFLOW, e.g. python -m monai.bundle run training "
+                                   "--bundle_root B --meta_file B/configs/metadata.json --config_file \"$(heatmark "
+                                   "configs B training)\".")
+    p.add_argument("bundle", nargs="?", help="bundle folder")
+    p.add_argument("workflow", nargs="?", default="training", choices=list(WORKFLOWS),
+                   help="training (default), evaluating, inference or multi_gpu")
+    p.add_argument("overlays", nargs="*", help="overlays to add last (in BUNDLE/configs or paths), e.g. cpu.yaml")
+    p.set_defaults(func=cmd_configs)
 
-    add_predict_parser(sub)
-    add_demo_parser(sub)
-    add_data_parser(sub)
+    for name, (module, add, text) in COMMANDS.items():
+        if name == command:
+            getattr(importlib.import_module(module), add)(sub)
+        else:
+            sub.add_parser(name, help=text, add_help=False)
 
     p = sub.add_parser("evaluate", help="point errors in mm between two landmark tables",
                        description="Compare predicted with true landmarks (CSV/JSON tables in world mm): MRE, SDR, "
@@ -170,14 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_OK
     try:
         return int(args.func(args) or EXIT_OK)
-    except UsageError as e:
+    except (UsageError, BundleError) as e:
         print(f"heatmark {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (FileNotFoundError, ValueError) as e:

@@ -13,6 +13,7 @@ model, checkpoints and the MLflow store stay out of the repository.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -21,6 +22,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, RandAffined
+
+from heatmark.bundle import bundle_config_files, run_bundle
+from heatmark.core.fileio import atomic_path
+from heatmark.core.geometry import nifti_affine, world_to_voxel
+from heatmark.data.fetch import DatasetFetchError, fetch_afids, find_afids
+from heatmark.evaluation.evaluate import evaluate_tables
+from heatmark.evaluation.metrics import per_landmark_table
+from heatmark.landmarks import Landmarks, read_landmarks, write_landmark_table
+from heatmark.predict import PredictOptions, run_predict
+from heatmark.transforms import LoadLandmarkImaged, LoadLandmarksd, RandLandmarkElasticd
 
 __all__ = ["add_demo_parser", "cmd_demo", "run_demo", "write_deformed_cases", "prepare_midsagittal"]
 
@@ -39,14 +55,6 @@ def _say(step: str, text: str) -> None:
     print(f"\n== {step}: {text}", flush=True)
 
 
-def _bundle_run(run_id: str, bundle: Path, configs: Sequence[str], **overrides: Any) -> None:
-    from monai.bundle import run
-
-    files = [str(bundle / "configs" / c) for c in configs]
-    run(run_id=run_id, bundle_root=str(bundle), meta_file=str(bundle / "configs" / "metadata.json"),
-        config_file=files, logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
-
-
 MIDLINE_AFIDS = ("AC", "PC", "infracollicular sulcus", "PMJ", "superior interpeduncular fossa", "culmen",
                  "intermammillary sulcus", "pineal gland", "genu of CC", "splenium of CC")
 
@@ -55,14 +63,6 @@ def prepare_midsagittal(data_dir: Path, out_dir: Path) -> Path:
     """The 2D demo data: the template's mid-sagittal slice (x = 0 mm) as a 2D NIfTI in the slice's
     own frame (axis 0 = RAS y, axis 1 = RAS z, mm) and the midline AFIDs projected onto it
     (``midline_afids.csv``). Returns ``out_dir``."""
-    import nibabel as nib
-    import numpy as np
-
-    from heatmark.datasets import find_afids
-    from heatmark.fileio import atomic_path
-    from heatmark.geometry import world_to_voxel
-    from heatmark.landmarks import Landmarks, read_landmarks, write_landmark_table
-
     template, fcsv = find_afids(data_dir)
     img = nib.load(str(template))
     affine = img.affine
@@ -82,22 +82,12 @@ def prepare_midsagittal(data_dir: Path, out_dir: Path) -> Path:
 
 
 def write_deformed_cases(bundle: Path, dataset_dir: Path, out_dir: Path, num_cases: int, seed0: int,
-                         configs: Sequence[str] = ("train.yaml",)) -> Path:
+                         overlays: Sequence[str] = ()) -> Path:
     """Write ``num_cases`` random deformations of the bundle's image (``image_file``) at its own
     resolution as NIfTI files, with their true landmarks (world mm) in ``truth.csv``; the
     deformation ranges are the bundle's training ranges. Returns the truth table's path."""
-    import nibabel as nib
-    import numpy as np
-    from monai.bundle import ConfigParser
-    from monai.transforms import Compose, RandAffined
-
-    from heatmark.fileio import atomic_path
-    from heatmark.geometry import nifti_affine
-    from heatmark.landmarks import Landmarks, write_landmark_table
-    from heatmark.transforms import LoadLandmarkImaged, LoadLandmarksd, RandLandmarkElasticd
-
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / c) for c in configs])
+    parser.read_config([str(f) for f in bundle_config_files(bundle, "training", overlays)])
     parser["dataset_dir"] = str(dataset_dir)
     get = parser.get_parsed_content
     names = list(get("landmark_names"))
@@ -142,16 +132,6 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     """Run the demo; returns the exit status. ``overlay`` is the bundle overlay used for training,
     evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``). ``dims=2`` runs the same
     on the template's mid-sagittal slice with its 10 midline landmarks."""
-    import json
-
-    import numpy as np
-
-    from heatmark.datasets import fetch_afids, find_afids
-    from heatmark.landmarks import read_landmark_table
-    from heatmark.metrics import per_landmark_table, point_errors, summarize
-    from heatmark.predict import PredictOptions, run_predict
-    from heatmark.reports import write_evaluation
-
     t0 = time.monotonic()
     out = Path(output).resolve()
     bundle = out / "bundle"
@@ -175,22 +155,20 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     for f in (src / "configs").iterdir():
         shutil.copy2(f, bundle / "configs" / f.name)
-    configs = ["train.yaml", *overlays]
 
     _say("2/5 train", f"bundle {BUNDLE_NAME} ({', '.join(overlays)}), {dims}D, at most {minutes:g} min, "
                       "tracked in MLflow")
-    _bundle_run("training", bundle, configs, dataset_dir=str(data_dir), tracking="mlflow",
-                time_limit_minutes=float(minutes))
+    run_bundle(bundle, "training", overlays, tracking="mlflow", dataset_dir=str(data_dir),
+               time_limit_minutes=float(minutes))
 
     _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)")
-    _bundle_run("evaluating", bundle, ["train.yaml", "evaluate.yaml", *overlays], dataset_dir=str(data_dir),
-                tracking="mlflow")
+    run_bundle(bundle, "evaluating", overlays, tracking="mlflow", dataset_dir=str(data_dir))
     eval_metrics = json.loads((bundle / "runs" / "eval" / "metrics.json").read_text())
 
     _say("4/5 predict", f"heatmark predict over {num_cases} more held-out {'images' if dims == 2 else 'volumes'} "
                         "written as NIfTI files")
     cases_dir = out / "heldout_volumes"
-    truth_csv = write_deformed_cases(bundle, data_dir, cases_dir, num_cases, seed0=900_000, configs=configs)
+    truth_csv = write_deformed_cases(bundle, data_dir, cases_dir, num_cases, seed0=900_000, overlays=overlays)
     pred_dir = out / "predictions"
     summary = run_predict(PredictOptions(bundle=bundle, input=cases_dir, output=pred_dir, configs=overlays,
                                          overlays=True, overwrite=True))
@@ -199,16 +177,8 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
         return 1
 
     _say("5/5 compare", "predicted vs. known landmark positions")
-    pred = read_landmark_table(pred_dir / "landmarks.csv")
-    truth = read_landmark_table(truth_csv)
-    cases = sorted(truth)
-    names = truth[cases[0]].names
-    p = np.stack([pred[c].select(names).coords for c in cases])
-    t = np.stack([truth[c].coords for c in cases])
-    errors = point_errors(p, t)
-    write_evaluation(out / "evaluation", errors, cases, names, p, t)
-    s = summarize(errors)
-    _print_table(per_landmark_table(errors, names), s)
+    result = evaluate_tables(pred_dir / "landmarks.csv", truth_csv, out / "evaluation")
+    _print_table(per_landmark_table(result.errors, result.names), result.summary)
 
     print(f"\nheld-out evaluation of the bundle ({eval_metrics['n_cases']} deformations): "
           f"MRE {eval_metrics['mean']:.2f} mm, SDR 4 mm {eval_metrics.get('sdr_4mm', float('nan')):.1f}%")
@@ -240,8 +210,6 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from heatmark.datasets import DatasetFetchError
-
     try:
         return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay, args.dims)
     except DatasetFetchError as e:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from monai.bundle import ConfigParser
+
+from heatmark.bundle import bundle_command, bundle_config_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -16,12 +20,20 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def bundle_cmd(bundle: Path, run_id: str, configs: list[str], *extra: str) -> list[str]:
-    """``python -m monai.bundle run RUN_ID`` on ``bundle`` with the given config files (in configs/)."""
-    files = [str(bundle / "configs" / c) for c in configs]
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(bundle),
-            "--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", repr(files),
-            "--logging_file", str(bundle / "configs" / "logging.conf"), *extra]
+def bundle_cmd(bundle: Path, workflow: str, overlays: list[str], *extra: str) -> list[str]:
+    """``python -m monai.bundle run`` of ``workflow`` on ``bundle``, as the README documents it: the
+    config files from ``heatmark configs BUNDLE WORKFLOW OVERLAYS`` (the shipped base first)."""
+    return [*bundle_command(bundle, workflow, overlays), *extra]
+
+
+def bundle_parser(bundle: Path, workflow: str = "training", overlays: Sequence[str] = (), **overrides: Any) -> ConfigParser:
+    """A MONAI ConfigParser over ``workflow``'s config files of ``bundle`` with ``overrides`` applied."""
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in bundle_config_files(bundle, workflow, overlays)])
+    parser["bundle_root"] = str(bundle)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

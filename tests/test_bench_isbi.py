@@ -34,7 +34,7 @@ def test_table_of_finished_runs_and_inter_observer_row(tmp_path):
     run = tmp_path / "scn_15min"
     (run / "runs" / "eval").mkdir(parents=True)
     errors = np.array([[0.5, 1.0, 3.0, 12.0]])
-    from heatmark.metrics import summarize
+    from heatmark.evaluation.metrics import summarize
 
     result = {"run": "scn", "label": "heatmark SCN 2019 (cpu.yaml)", "budget_minutes": 15, "train_minutes": 15.1,
               "epochs": 52, "metrics": summarize(errors)}

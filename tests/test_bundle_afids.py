@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandAffined, RandGaussianNoised
 
-from conftest import REPO_ROOT, bundle_cmd, require_shared_data, run
+from conftest import REPO_ROOT, bundle_cmd, bundle_parser, require_shared_data, run
 from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
 
 BUNDLE = REPO_ROOT / "bundles" / "afids_brain_mr"
@@ -28,14 +28,9 @@ CONFIGS = BUNDLE / "configs"
 
 
 def parser_for(*overlays: str, data: Path | None = None, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.yaml"), *[str(CONFIGS / o) for o in overlays]])
-    parser["bundle_root"] = str(BUNDLE)
     if data is not None:
-        parser["dataset_dir"] = str(data)
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
+        overrides["dataset_dir"] = str(data)
+    return bundle_parser(BUNDLE, "training", overlays, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,9 +43,9 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("afids_bundle")
     bundle = work / "afids_brain_mr"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    train = run(bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    train = run(bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
                            "--tracking", "mlflow"), cwd=work)
-    evaluate = run(bundle_cmd(bundle, "evaluating", ["train.yaml", "evaluate.yaml", "smoke.yaml"],
+    evaluate = run(bundle_cmd(bundle, "evaluating", ["smoke.yaml"],
                               "--dataset_dir", str(data)), cwd=work)
     return {"data": data, "work": work, "bundle": bundle, "train_log": train.stdout + train.stderr,
             "eval_log": evaluate.stdout + evaluate.stderr}
@@ -148,7 +143,7 @@ def test_deformed_landmarks_stay_on_the_template_anatomy():
     data = require_shared_data("afids")
     parser = parser_for(data=data, num_val_cases=2, num_train_cases=1)  # the real 2 mm grid
     template = parser.get_parsed_content("cached_preprocessing")
-    deform = parser.get_parsed_content("validate#deformation")
+    deform = parser.get_parsed_content("val_deformation")
     to_voxels = Compose(parser.get_parsed_content("to_voxels"))
     case = parser.get_parsed_content("val_datalist")[0]
     undeformed = to_voxels(template(dict(case)))
@@ -186,10 +181,8 @@ def test_names_pairs_and_measurements_agree_with_the_data():
 
         heatmark.data.deformation_datalist(parser.get_parsed_content("image_file"),
                                            parser.get_parsed_content("landmarks_file"), 1, 0, ["AC", "ACC"])
-    inference = ConfigParser()
-    inference.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "inference.yaml"), str(CONFIGS / "smoke.yaml")])
-    inference["bundle_root"] = str(BUNDLE)
-    from heatmark.metrics import measure
+    inference = bundle_parser(BUNDLE, "inference", ["smoke.yaml"])
+    from heatmark.evaluation.metrics import measure
 
     coords = read_landmarks(parser.get_parsed_content("landmarks_file")).coords
     values = measure(coords, names, inference.get_parsed_content("measurements"))
@@ -206,8 +199,7 @@ def test_metadata_mirrors_the_2d_bundle():
     out = meta["network_data_format"]["outputs"]["pred"]
     assert out["num_channels"] == 32 and len(out["channel_def"]) == 32
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [96, 112, 96]
-    for f in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "smoke.yaml", "cpu.yaml",
-              "logging.conf"):
+    for f in ("train.yaml", "smoke.yaml", "cpu.yaml"):
         assert (CONFIGS / f).is_file(), f
     assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
 

@@ -26,9 +26,9 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("isbi_bundle")
     bundle = work / "isbi2015_cephalometric"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    train = run(bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    train = run(bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
                            "--tracking", "mlflow"), cwd=work)
-    evaluate = run(bundle_cmd(bundle, "evaluating", ["train.yaml", "evaluate.yaml", "smoke.yaml"],
+    evaluate = run(bundle_cmd(bundle, "evaluating", ["smoke.yaml"],
                               "--dataset_dir", str(data), "--tracking", "mlflow"), cwd=work)
     return {"data": data, "work": work, "bundle": bundle, "train_log": train.stdout + train.stderr,
             "eval_log": evaluate.stdout + evaluate.stderr}
@@ -92,7 +92,7 @@ def test_mlflow_store_holds_runs_metrics_params_and_artifacts(trained):
 
 def test_resume_continues_epoch_and_iteration_counts(trained):
     bundle, data = trained["bundle"], trained["data"]
-    proc = run(bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    proc = run(bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
                           "--resume", "true", "--max_epochs", "3"), cwd=trained["work"])
     log = proc.stdout + proc.stderr
     assert "resumed from" in log and "epoch 2, iteration 8" in log
@@ -106,7 +106,7 @@ def test_two_process_ddp_with_gloo(tmp_path):
     data = require_shared_data("isbi2015")
     bundle = tmp_path / "isbi2015_cephalometric"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    cmd = bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml", "multi_gpu_train.yaml"], "--dataset_dir", str(data))
+    cmd = bundle_cmd(bundle, "multi_gpu", ["smoke.yaml"], "--dataset_dir", str(data))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = run(torchrun + cmd[1:], cwd=tmp_path, timeout=300)
     log = proc.stdout + proc.stderr
@@ -128,7 +128,7 @@ def test_every_heatmap_network_trains_in_the_bundle(name, tmp_path):
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     net = repr({"_target_": "heatmark.networks.get_network", "name": name, "spatial_dims": "@spatial_dims",
                 "in_channels": 1, "num_landmarks": "@num_landmarks", "filters": 4})
-    proc = run(bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    proc = run(bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
                           "--max_epochs", "1", "--network_def", net), cwd=tmp_path)
     assert "val_mre" in proc.stdout + proc.stderr
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
@@ -141,7 +141,7 @@ def test_cpu_overlay_anneals_the_rate_over_the_time_budget(tmp_path):
     data = require_shared_data("isbi2015")
     bundle = tmp_path / "isbi2015_cephalometric"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
-    proc = run(bundle_cmd(bundle, "training", ["train.yaml", "cpu.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    proc = run(bundle_cmd(bundle, "training", ["cpu.yaml", "smoke.yaml"], "--dataset_dir", str(data),
                           "--time_limit_minutes", "3"), cwd=tmp_path)
     assert "val_mre" in proc.stdout + proc.stderr
     ckpt = torch.load(next((bundle / "runs" / "checkpoints").glob("checkpoint*.pt")), weights_only=True)

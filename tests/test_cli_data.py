@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
+
 from heatmark import __version__
+from heatmark.bundle import CONFIG_DIR, bundle_config_files
 from heatmark.cli import main, parse_overrides, UsageError
 from heatmark.data import DataCheckError, check_datalist, datalist_from_table, load_datalist, split_datalist
 from heatmark.landmarks import read_landmark_table
@@ -20,8 +25,24 @@ def test_console_script_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"heatmark {__version__}"
     out = subprocess.run([sys.executable, "-m", "heatmark", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("train", "predict", "evaluate", "ui"):
+    for cmd in ("train", "predict", "evaluate", "ui", "configs"):
         assert cmd in out.stdout
+
+
+def test_help_lines_match_the_commands_own():
+    """`heatmark --help` lists the commands defined beside their code without importing them; the
+    one-line help it shows is the one each command registers itself."""
+    import argparse
+
+    from heatmark.cli import COMMANDS, build_parser
+
+    for name, (_, _, text) in COMMANDS.items():
+        sub = next(a for a in build_parser(name)._actions if isinstance(a, argparse._SubParsersAction))
+        own = {c.dest: c.help for c in sub._choices_actions}
+        assert own[name] == text, name
+    code = "import sys, heatmark.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_parse_overrides():
@@ -33,7 +54,34 @@ def test_parse_overrides():
 
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["train", str(tmp_path)]) == 2
-    assert "not a bundle folder" in capsys.readouterr().err
+    assert "not a heatmark bundle folder" in capsys.readouterr().err
+
+
+def test_configs_prints_what_monai_reads(tmp_path, capsys):
+    """`heatmark configs` is the documented way to get --config_file: the shipped base first, then
+    the bundle's train.yaml, the workflow's shipped overlay and the user's overlays, in that order."""
+    bundle = REPO_ROOT / "bundles" / "afids_brain_mr"
+    assert main(["configs"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == CONFIG_DIR
+    assert main(["configs", str(bundle), "evaluating", "cpu.yaml"]) == 0
+    files = ast.literal_eval(capsys.readouterr().out.strip())
+    assert [Path(f) for f in files] == [CONFIG_DIR / "base.yaml", bundle / "configs" / "train.yaml",
+                                        CONFIG_DIR / "evaluate.yaml", bundle / "configs" / "cpu.yaml"]
+    assert main(["configs", str(bundle), "training", "nothere.yaml"]) == 2
+    assert "config not found" in capsys.readouterr().err
+    assert main(["configs", str(tmp_path), "training"]) == 2
+    assert "not a heatmark bundle folder" in capsys.readouterr().err
+
+
+def test_a_bundle_may_add_to_a_shipped_overlay(tmp_path):
+    """A bundle's own configs/evaluate.yaml follows the shipped one (it states only what differs)."""
+    bundle = tmp_path / "b"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "train.yaml").write_text("spatial_dims: 2\n")
+    (bundle / "configs" / "evaluate.yaml").write_text("eval_overlays: 0\n")
+    files = bundle_config_files(bundle, "evaluating")
+    assert files[-2:] == [CONFIG_DIR / "evaluate.yaml", bundle / "configs" / "evaluate.yaml"]
+    assert bundle_config_files(bundle, "training") == [CONFIG_DIR / "base.yaml", bundle / "configs" / "train.yaml"]
 
 
 def test_evaluate_inter_observer_on_isbi(isbi_dir, tmp_path, capsys):

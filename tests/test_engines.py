@@ -9,9 +9,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from heatmark.engines import (
-    DecodeLandmarksd,
-    LandmarkErrorMetric,
+from heatmark.evaluation import DecodeLandmarksd, LandmarkErrorMetric
+from heatmark.training import (
     LandmarkEvaluator,
     LandmarkPrepareBatch,
     LandmarkTrainer,
@@ -20,10 +19,10 @@ from heatmark.engines import (
     autocast_context,
     latest_checkpoint,
 )
-from heatmark.fileio import TMP_PREFIX
-from heatmark.geometry import voxel_to_world
-from heatmark.heatmaps import gaussian_heatmaps
-from heatmark.losses import HeatmapLoss
+from heatmark.core.fileio import TMP_PREFIX
+from heatmark.core.geometry import voxel_to_world
+from heatmark.core.heatmaps import gaussian_heatmaps
+from heatmark.training.losses import HeatmapLoss
 from heatmark.networks import HeatmapUNet
 
 SHAPE = (24, 20)
@@ -186,7 +185,7 @@ def test_training_checkpoint_is_atomic_resumes_and_refuses_pickles(tmp_path, mon
 
 
 def test_early_stopping_after_patience_validations():
-    from heatmark.engines import EarlyStopping
+    from heatmark.training import EarlyStopping
 
     validator = Engine(lambda e, b: None)
     validator.state.best_metric_epoch = 2
@@ -203,7 +202,7 @@ def test_early_stopping_after_patience_validations():
 def test_time_limit_terminates_training(monkeypatch):
     import time as _time
 
-    from heatmark.engines import TimeLimit
+    from heatmark.training import TimeLimit
 
     clock = iter(range(0, 10_000, 30))  # every call advances 30 s
     monkeypatch.setattr(_time, "monotonic", lambda: float(next(clock)))
@@ -217,7 +216,7 @@ def test_time_cosine_lr_anneals_over_the_budget(monkeypatch):
     import math
     import time as _time
 
-    from heatmark.engines import TimeCosineLR, TimeLimit
+    from heatmark.training import TimeCosineLR, TimeLimit
 
     clock = iter(range(0, 10_000, 15))  # every call advances 15 s
     monkeypatch.setattr(_time, "monotonic", lambda: float(next(clock)))

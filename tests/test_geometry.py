@@ -28,8 +28,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from heatmark.geometry import sigma_mm_to_voxels, spacing_from_affine, voxel_to_world, world_to_voxel
-from heatmark.heatmaps import gaussian_heatmaps
+from heatmark.core.geometry import sigma_mm_to_voxels, spacing_from_affine, voxel_to_world, world_to_voxel
+from heatmark.core.heatmaps import gaussian_heatmaps
 from heatmark.transforms.points import WorldToVoxeld
 from heatmark.transforms.spatial import RandLandmarkElastic, RandLandmarkElasticd, RandLandmarkFlipd, SwapLandmarkPairs
 
@@ -239,7 +239,7 @@ def test_elastic_field_is_invertible_and_smooth():
 
 
 def test_output_stride_conventions_are_one_map():
-    from heatmark.geometry import input_to_output_voxels, output_grid_affine, output_to_input_voxels
+    from heatmark.core.geometry import input_to_output_voxels, output_grid_affine, output_to_input_voxels
 
     u = torch.tensor([[0.0, 0.0, 0.0], [1.5, 2.0, 3.25]], dtype=torch.float64)
     v = output_to_input_voxels(u, (1, 2, 4))

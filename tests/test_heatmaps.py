@@ -9,8 +9,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from heatmark.geometry import world_to_voxel
-from heatmark.heatmaps import broadcast_sigma, gaussian_heatmaps
+from heatmark.core.geometry import world_to_voxel
+from heatmark.core.heatmaps import broadcast_sigma, gaussian_heatmaps
 from heatmark.transforms.heatmap import GaussianHeatmap, GaussianHeatmapd
 
 

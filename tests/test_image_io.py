@@ -1,10 +1,12 @@
-"""Tests for heatmark.transforms.io: image loading with a world (mm, RAS) affine.
+"""Tests for heatmark.transforms.io: image loading with a world (mm, RAS) affine, and the
+reader registry it goes through.
 
 Every image is tiny and written into tmp_path with nibabel / ITK / pydicom / PIL.
 """
 
 from __future__ import annotations
 
+import pickle
 import struct
 import warnings
 
@@ -17,8 +19,23 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from heatmark.geometry import voxel_to_world
-from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage, LoadLandmarkImaged
+from heatmark.core.geometry import voxel_to_world
+from heatmark.transforms.io import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MAX_VOXELS,
+    READERS,
+    ImageData,
+    ImageLoadError,
+    ImageReader,
+    LoadLandmarkImage,
+    LoadLandmarkImaged,
+    has_dicom_marker,
+    image_suffix,
+    is_companion_file,
+    reader_for,
+    register_reader,
+)
 
 itk = pytest.importorskip("itk")
 
@@ -741,3 +758,190 @@ def test_mha_2d_zero_spacing_refused(tmp_path):
     with pytest.raises(ImageLoadError) as e:
         LoadLandmarkImage(allow_pixel_units=True)(f)
     assert_file_error(e, f, "spacing must be positive")
+
+
+# ------------------------------------------------------------------------------------ reader registry
+
+
+def test_every_image_suffix_resolves_to_a_reader_that_declares_it():
+    assert IMAGE_SUFFIXES, "no reader registered"
+    assert len(set(IMAGE_SUFFIXES)) == len(IMAGE_SUFFIXES), "a suffix is claimed twice"
+    assert set(IMAGE_SUFFIXES) == {s for r in READERS for s in r.suffixes}
+    assert [len(s) for s in IMAGE_SUFFIXES] == sorted((len(s) for s in IMAGE_SUFFIXES), reverse=True)
+    assert set(DICOM_SUFFIXES) <= set(IMAGE_SUFFIXES)
+    for s in IMAGE_SUFFIXES:
+        assert s == s.lower() and s.startswith(".")
+        for name in (f"case{s}", f"dir.d/CASE{s.upper()}", f"case.1{s}"):
+            reader = reader_for(name)
+            assert s in reader.suffixes, (name, reader)
+            assert image_suffix(name) == s, name
+    for s in DICOM_SUFFIXES:
+        assert reader_for(f"x{s}").format == "DICOM"
+
+
+def test_image_suffix_longest_match_and_no_match():
+    assert image_suffix("brain.nii.gz") == ".nii.gz"
+    assert image_suffix("Brain.NII.GZ") == ".nii.gz"
+    assert image_suffix("pair.img.gz") == ".img.gz"
+    assert image_suffix("/data/x.v2.nrrd") == ".nrrd"
+    for name in ("notes.txt", "archive.tar.gz", "IM0001", "x.nii.gz.bak", ".png"):
+        assert image_suffix(name) is None, name
+
+
+def test_reader_for_folders_and_suffix_less_dicom(tmp_path):
+    assert reader_for(tmp_path).reads_folders
+    assert reader_for(tmp_path).format == "DICOM series"
+    f = write_dcm(tmp_path / "IM0001", radiograph(), pixel_spacing=(0.2, 0.2))
+    assert reader_for(f).format == "DICOM" and has_dicom_marker(f)
+    g = tmp_path / "IM0002"
+    g.write_bytes(b"\0" * 200)
+    assert not has_dicom_marker(g)
+    with pytest.raises(ImageLoadError) as e:
+        reader_for(g)
+    assert_file_error(e, g, "unsupported file type")
+
+
+def test_unknown_suffix_error_names_the_file_and_lists_the_suffixes(tmp_path):
+    f = tmp_path / "scan.xyz"
+    f.write_bytes(b"\0" * 300)
+    for load in (reader_for, LoadLandmarkImage()):
+        with pytest.raises(ImageLoadError) as e:
+            load(f)
+        assert_file_error(e, f, "unsupported file type '.xyz'", "folder")
+        assert e.value.path == str(f)
+        for s in IMAGE_SUFFIXES:
+            assert s in e.value.problem, s
+
+
+def test_image_load_error_pickles():
+    e = pickle.loads(pickle.dumps(ImageLoadError("/data/a.nii.gz", "the file is empty (0 bytes)")))
+    assert isinstance(e, ImageLoadError) and isinstance(e, ValueError)
+    assert (e.path, e.problem) == ("/data/a.nii.gz", "the file is empty (0 bytes)")
+    assert str(e) == "cannot load image '/data/a.nii.gz': the file is empty (0 bytes)"
+
+
+def test_is_companion_file(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Pair(data, np.eye(4)), str(tmp_path / "a.img"))  # writes a.hdr + a.img
+    assert (tmp_path / "a.hdr").is_file()
+    assert is_companion_file(tmp_path / "a.img")
+    assert not is_companion_file(tmp_path / "a.hdr")
+    lone = tmp_path / "lone.img"
+    lone.write_bytes(b"\0" * 10)
+    assert not is_companion_file(lone)
+    nib.save(nib.Nifti1Pair(data, np.eye(4)), str(tmp_path / "c.img.gz"))  # nibabel pairs it with c.hdr.gz
+    assert is_companion_file(tmp_path / "c.img.gz") and not is_companion_file(tmp_path / "c.hdr.gz")
+    (tmp_path / "UP.IMG").write_bytes(b"\0")
+    (tmp_path / "UP.HDR").write_bytes(b"\0")
+    assert is_companion_file(tmp_path / "UP.IMG")
+    write_nifti(tmp_path / "v.nii.gz", data, np.eye(4))
+    assert not is_companion_file(tmp_path / "v.nii.gz")
+    assert not is_companion_file(tmp_path / "notes.txt")
+
+
+def _round_trip_cases(tmp_path):
+    """One small file per reader family: (path, LoadLandmarkImage kwargs, expected affine)."""
+    cases = []
+    a3 = np.diag([0.4, 0.5, 2.0, 1.0])
+    a3[:3, 3] = [10.0, -20.0, 30.0]
+    vol = np.arange(60, dtype=np.int16).reshape(5, 4, 3)
+    cases.append((write_nifti(tmp_path / "vol.nii.gz", vol, a3), {}, a3))
+    nib.save(nib.Nifti1Pair(vol, a3), str(tmp_path / "pair.img"))
+    cases.append((tmp_path / "pair.hdr", {}, a3))
+    nib.save(nib.Nifti1Pair(vol, a3), str(tmp_path / "cpair.img.gz"))
+    cases.append((tmp_path / "cpair.hdr.gz", {}, a3))
+    write_itk(tmp_path / "vol.nrrd", np.arange(60, dtype=np.float32).reshape(3, 4, 5), (0.4, 0.5, 2.0), (10, 20, 30))
+    cases.append((tmp_path / "vol.nrrd", {}, [[-0.4, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 2, 30], [0, 0, 0, 1]]))
+    Image.fromarray(np.arange(21, dtype=np.uint8).reshape(3, 7)).save(tmp_path / "pic.png")
+    cases.append((tmp_path / "pic.png", {"spacing": (0.1, 0.2)}, np.diag([0.1, 0.2, 1.0])))
+    cases.append((write_dcm(tmp_path / "xray.dcm", radiograph(), pixel_spacing=(0.5, 0.4)), {}, np.diag([0.4, 0.5, 1.0])))
+    cases.append((write_series(tmp_path / "ct"), {},
+                  [[-0.4, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1]]))
+    return cases
+
+
+def test_round_trip_through_every_reader_family(tmp_path):
+    cases = _round_trip_cases(tmp_path)
+    assert {reader_for(p).name for p, _, _ in cases} == {r.name for r in READERS}, "a reader has no round trip"
+    for path, kwargs, affine in cases:
+        reader = reader_for(path)
+        img = LoadLandmarkImage(**kwargs)(path)
+        affine = np.asarray(affine, dtype=np.float64)
+        nd = affine.shape[0] - 1
+        np.testing.assert_allclose(img.affine.numpy(), affine, atol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(img.meta["spacing"], np.linalg.norm(affine[:nd, :nd], axis=0), rtol=1e-6)
+        assert img.meta["format"] == reader.format and img.meta["spatial_dims"] == nd, path
+        assert img.meta["filename_or_obj"] == str(path)
+    # both halves of a NIfTI pair read the same image
+    np.testing.assert_array_equal(LoadLandmarkImage()(tmp_path / "pair.img").numpy(),
+                                  LoadLandmarkImage()(tmp_path / "pair.hdr").numpy())
+
+
+class ToyReader(ImageReader):
+    """``.toy`` (and any other ``.gz``): a .npy array with 0.25 mm voxels."""
+
+    name = "toy"
+    format = "Toy"
+    suffixes = (".toy", ".gz")
+
+    def read(self, path, *, max_voxels=MAX_VOXELS):
+        with open(path, "rb") as f:
+            arr = np.load(f)
+        return ImageData(array=arr, affine=np.diag([0.25] * arr.ndim + [1.0]))
+
+
+@pytest.fixture
+def toy_reader():
+    reader = register_reader(ToyReader())
+    try:
+        yield reader
+    finally:
+        READERS.remove(reader)
+
+
+def test_registered_reader_is_used_by_the_loader(tmp_path, toy_reader):
+    f = tmp_path / "Case.TOY"
+    with open(f, "wb") as fh:
+        np.save(fh, np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert reader_for(f) is toy_reader and image_suffix(f.name) == ".toy"
+    assert reader_for("x.gz") is toy_reader  # longest suffix wins: .nii.gz stays NIfTI
+    assert reader_for("x.nii.gz").name == reader_for("x.IMG.GZ").name == "nifti"
+    img = LoadLandmarkImage(spatial_dims=3)(f)
+    assert img.shape == (1, 2, 3, 4) and img.meta["format"] == "Toy"
+    np.testing.assert_allclose(img.meta["spacing"], [0.25] * 3)
+    img = LoadLandmarkImaged(keys="image")({"image": str(f)})["image"]
+    np.testing.assert_allclose(img.affine.numpy(), np.diag([0.25, 0.25, 0.25, 1.0]))
+    empty = tmp_path / "bad.gz"
+    empty.write_bytes(b"not npy")
+    with pytest.raises(ImageLoadError) as e:  # a reader's own exception still names the file
+        LoadLandmarkImage()(empty)
+    assert_file_error(e, empty, "not a Toy file")
+
+
+def test_toy_reader_is_gone_after_the_test(tmp_path):
+    assert all(r.name != "toy" for r in READERS)
+    f = tmp_path / "x.toy"
+    f.write_bytes(b"\0" * 200)
+    with pytest.raises(ImageLoadError, match="unsupported file type"):
+        LoadLandmarkImage()(f)
+
+
+def test_register_reader_refuses_clashes():
+    class Clash(ToyReader):
+        name = "clash"
+        suffixes = (".png",)
+
+    class Upper(ToyReader):
+        name = "upper"
+        suffixes = (".TOY",)
+
+    before = list(READERS)
+    with pytest.raises(ValueError, match="already read by"):
+        register_reader(Clash())
+    with pytest.raises(ValueError, match="lowercase"):
+        register_reader(Upper())
+    with pytest.raises(ValueError, match="already registered"):
+        register_reader(type("Nifti2", (ToyReader,), {"name": "nifti", "suffixes": (".n2",)})())
+    with pytest.raises(TypeError):
+        register_reader(ToyReader)
+    assert READERS == before

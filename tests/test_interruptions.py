@@ -23,9 +23,9 @@ import mlflow
 import pytest
 import torch
 
-from conftest import ENV, REPO_ROOT, bundle_cmd, require_shared_data, run
-from heatmark.engines import TrainingCheckpoint, latest_checkpoint
-from heatmark.fileio import TMP_PREFIX
+from conftest import ENV, REPO_ROOT, bundle_cmd, bundle_parser, require_shared_data, run
+from heatmark.training import TrainingCheckpoint, latest_checkpoint
+from heatmark.core.fileio import TMP_PREFIX
 from test_predict import TINY_SCN, image, make_bundle, save_nifti
 
 BUNDLE = REPO_ROOT / "bundles" / "isbi2015_cephalometric"
@@ -74,7 +74,7 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     bundle = tmp_path / "isbi2015_cephalometric"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
     ckpt_dir = bundle / "runs" / "checkpoints"
-    base = bundle_cmd(bundle, "training", ["train.yaml", "smoke.yaml"], "--dataset_dir", str(data),
+    base = bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
                       "--tracking", "mlflow", "--max_epochs", str(EPOCHS))
     rng = random.Random(20261122)
 
@@ -118,11 +118,7 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     assert final["iteration"] == EPOCHS * ITERS_PER_EPOCH and final["epoch_length"] == ITERS_PER_EPOCH
     assert not list(ckpt_dir.glob(TMP_PREFIX + "*"))
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / c) for c in ("train.yaml", "smoke.yaml")])
-    net = parser.get_parsed_content("network_def")
+    net = bundle_parser(bundle, "training", ["smoke.yaml"]).get_parsed_content("network_def")
     net.load_state_dict(state)
     with torch.no_grad():
         out = net.eval()(torch.randn(1, 1, 64, 80))
@@ -207,8 +203,8 @@ class _Net(torch.nn.Module):
 def _trainer(tmp_path, nan_iterations, tracking=True, epochs=3):
     from monai.handlers import MLFlowHandler
 
-    from heatmark.engines import LandmarkPrepareBatch, LandmarkTrainer
-    from heatmark.tracking import MLflowExtrasHandler
+    from heatmark.training import LandmarkPrepareBatch, LandmarkTrainer
+    from heatmark.training.tracking import MLflowExtrasHandler
 
     torch.manual_seed(0)
     net = _Net()
@@ -259,7 +255,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path, caplog):
         with torch.no_grad():
             net.lin.weight[0, 0, 1, 1] = float("nan")
 
-    with caplog.at_level(logging.ERROR, logger="heatmark.engines"):
+    with caplog.at_level(logging.ERROR, logger="heatmark.training.engines"):
         trainer.run()
     good = latest_checkpoint(tmp_path / "ckpt")
     state = torch.load(good, weights_only=True)

@@ -1,7 +1,9 @@
-"""Landmark files: round trips of every format, Slicer frames, real data, errors, atomic writes."""
+"""Landmark files: round trips of every format, Slicer frames, real data, errors, atomic writes, the
+format registry."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -12,15 +14,26 @@ import numpy as np
 import pytest
 import torch
 
+import heatmark.landmarks as landmarks_package
+from heatmark.core.fileio import atomic_write_text
 from heatmark.landmarks import (
     CSV_FRAME_COMMENT,
+    FORMATS,
+    LandmarkContents,
     LandmarkFileError,
+    LandmarkFormat,
     Landmarks,
+    csv_frame_comment,
+    file_stem,
+    format_for,
+    landmark_table_text,
     landmarks_to_tensor,
     lps_to_ras,
     ras_to_lps,
     read_landmark_table,
     read_landmarks,
+    register_format,
+    unregister_format,
     write_landmark_table,
     write_landmarks,
 )
@@ -31,7 +44,7 @@ AFIDS_FCSV = DATA / "afids" / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_a
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real landmark data not found at {DATA} "
                                 "(../shared/data beside the repository; absent in a fresh clone)")
 
-FORMATS = [".csv", ".json", ".mrk.json", ".fcsv"]
+SUFFIXES = [".csv", ".json", ".mrk.json", ".fcsv"]
 SLICER = (".mrk.json", ".fcsv")
 
 
@@ -103,7 +116,7 @@ def test_ras_lps_negates_x_and_y():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("ext", SUFFIXES)
 def test_round_trip_every_format(tmp_path, ext, dims):
     lm = random_landmarks(dims, seed=dims)
     path = tmp_path / f"case7{ext}"
@@ -115,7 +128,7 @@ def test_round_trip_every_format(tmp_path, ext, dims):
         np.testing.assert_array_equal(read_landmarks(path).coords[~lm.missing, 2], 0.0)
 
 
-@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("ext", SUFFIXES)
 @pytest.mark.parametrize("frame", ["RAS", "LPS"])
 def test_round_trip_both_frames(tmp_path, ext, frame):
     lm = random_landmarks(3, seed=5)
@@ -427,7 +440,7 @@ def test_writer_argument_errors(tmp_path):
 # ---------------------------------------------------------------------------- atomic writes
 
 
-@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("ext", SUFFIXES)
 def test_writes_are_atomic(tmp_path, monkeypatch, ext):
     path = tmp_path / f"out{ext}"
     path.write_text("previous content")
@@ -442,3 +455,196 @@ def test_writes_are_atomic(tmp_path, monkeypatch, ext):
         write_landmarks(tmp_path / f"new{ext}", random_landmarks(3))
     assert os.listdir(tmp_path) == [path.name]
     assert path.read_text() == "previous content"
+
+
+# ---------------------------------------------------------------------------- the format registry
+
+
+def assert_round_trips(fmt: LandmarkFormat, tmp_path: Path) -> None:
+    """``fmt`` writes and reads back a 3D case with a missing (NaN) row exactly, in its default
+    frame and in both frames; a table writer, where the format has one, round-trips too."""
+    lm = random_landmarks(3, seed=11, missing=2)
+    assert lm.missing.tolist() == [False, False, True, False, False, False]
+    path = tmp_path / f"case{fmt.suffixes[0]}"
+    assert format_for(path) is fmt
+    for frame in (None, "RAS", "LPS"):
+        write_landmarks(path, lm, coordinate_system=frame)
+        back = read_landmarks(path, spatial_dims=3)
+        assert back == lm, (fmt.name, frame)  # exact, NaN row included
+        assert read_landmark_table(path) == {"case": lm}  # no case id: the file name without suffix
+    if fmt.write_table is not None:
+        table = {"a": lm, "b": random_landmarks(3, seed=12, missing=4)}
+        tpath = tmp_path / f"table{fmt.suffixes[0]}"
+        for frame in ("RAS", "LPS"):
+            write_landmark_table(tpath, table, coordinate_system=frame)
+            assert read_landmark_table(tpath) == table, (fmt.name, frame)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=lambda f: f.name)
+def test_every_registered_format_round_trips_exactly(tmp_path, fmt):
+    assert_round_trips(fmt, tmp_path)
+
+
+def test_builtin_formats_are_registered_longest_suffix_first():
+    assert {f.name for f in FORMATS} >= {"csv", "fcsv", "mrk.json", "json"}
+    lengths = [f.longest_suffix for f in FORMATS]
+    assert lengths == sorted(lengths, reverse=True)
+    assert [f.name for f in FORMATS].index("mrk.json") < [f.name for f in FORMATS].index("json")
+    defaults = {f.name: f.default_frame for f in FORMATS}
+    assert (defaults["mrk.json"], defaults["fcsv"], defaults["json"], defaults["csv"]) == ("LPS", "RAS", "RAS", "RAS")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("a.mrk.json", "mrk.json"), ("a.json", "json"), ("dir.json/B.MRK.JSON", "mrk.json"), ("x.mrk.JSON", "mrk.json"),
+    ("a.fcsv", "fcsv"), ("a.csv", "csv"), ("mrk.json.csv", "csv"),
+])
+def test_format_for_picks_the_longest_suffix(name, kind):
+    assert format_for(name).name == kind
+    assert format_for(Path(name)).name == kind
+
+
+def test_format_for_unknown_suffix_names_the_file():
+    for name in ("scan.nii.gz", "points.txt", "mrk", "a.json.bak"):
+        with pytest.raises(LandmarkFileError) as info:
+            format_for(Path("some/folder") / name)
+        message = str(info.value)
+        assert name in message and "unsupported landmark file type" in message
+        assert all(s in message for f in FORMATS for s in f.suffixes)  # says what would work
+        assert info.value.path == Path("some/folder") / name and info.value.line is None
+
+
+def test_file_stem_drops_the_whole_landmark_suffix():
+    assert file_stem("out/001.mrk.json") == "001"
+    assert file_stem("001.MRK.JSON") == "001"
+    assert file_stem("001.json") == "001"
+    assert file_stem("case.v2.csv") == "case.v2"
+    assert file_stem("x.nii.gz") == "x.nii"  # unregistered: Path.stem
+
+
+def test_register_format_rejects_clashes_and_bad_formats():
+    csv_fmt = format_for("a.csv")
+    assert register_format(csv_fmt) is csv_fmt  # the same object again: nothing happens
+    assert sum(f is csv_fmt for f in FORMATS) == 1
+    with pytest.raises(ValueError, match="named 'csv'"):
+        register_format(LandmarkFormat("csv", (".csv2",), "RAS", csv_fmt.read, csv_fmt.write))
+    with pytest.raises(ValueError, match=r"\.json.*'json'"):
+        register_format(LandmarkFormat("other", (".json",), "RAS", csv_fmt.read, csv_fmt.write))
+    with pytest.raises(ValueError, match="lowercase"):
+        LandmarkFormat("upper", (".PTS",), "RAS", csv_fmt.read, csv_fmt.write)
+    with pytest.raises(ValueError, match="default_frame"):
+        LandmarkFormat("ijk", (".ijk",), "IJK", csv_fmt.read, csv_fmt.write)
+    with pytest.raises(KeyError):
+        unregister_format("no such format")
+
+
+# A toy format defined only here: "# <frame>" then one "name<TAB>x<TAB>y<TAB>z" line per landmark,
+# "nan" for a missing one. Registering it must be all it takes for the generic readers/writers.
+
+
+def _read_pts(path: Path) -> LandmarkContents:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    frame = lines[0].lstrip("# ").strip()
+    rows = [line.split("\t") for line in lines[1:]]
+    coords = np.array([[float(v) for v in row[1:]] for row in rows], dtype=np.float64).reshape(len(rows), -1)
+    if frame == "LPS":
+        coords = lps_to_ras(coords)
+    return LandmarkContents({None: Landmarks(coords, [row[0] for row in rows])})
+
+
+def _write_pts(path: Path, lm: Landmarks, frame: str, case: str | None) -> None:
+    coords = ras_to_lps(lm.coords) if frame == "LPS" else lm.coords
+    lines = [f"# {frame}", *("\t".join([name, *(repr(float(v)) for v in p)]) for name, p in zip(lm.names, coords))]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+PTS = LandmarkFormat(name="pts", suffixes=(".pts",), default_frame="LPS", read=_read_pts, write=_write_pts,
+                     description="toy format of the tests")
+
+
+@pytest.fixture
+def pts_format():
+    register_format(PTS)
+    try:
+        yield PTS
+    finally:
+        unregister_format("pts")
+    assert all(f is not PTS for f in FORMATS)
+
+
+def test_registering_a_format_is_all_it_takes(tmp_path, pts_format):
+    path = tmp_path / "Case_9.PTS"
+    assert format_for(path) is pts_format
+    lm = random_landmarks(3, seed=21)
+    write_landmarks(path, lm)
+    assert path.read_text().startswith("# LPS\n")  # the format's default frame
+    assert read_landmarks(path) == lm
+    assert read_landmarks(path, names=["lm1", "nope"]).missing.tolist() == [False, True]
+    assert read_landmark_table(path) == {"Case_9": lm}
+    assert_round_trips(pts_format, tmp_path)  # the registry round trip covers it like the built-ins
+    with pytest.raises(ValueError, match=r"write pts files per case"):  # no table writer
+        write_landmark_table(tmp_path / "t.pts", {"a": lm})
+    with pytest.raises(LandmarkFileError, match=r"unsupported.*\.pts"):  # listed among the suffixes
+        format_for(tmp_path / "x.unknown")
+
+
+def test_unregistered_format_is_unsupported_again(tmp_path):
+    assert all(f.name != "pts" for f in FORMATS)
+    with pytest.raises(LandmarkFileError, match=r"x\.pts: unsupported"):
+        write_landmarks(tmp_path / "x.pts", random_landmarks(3))
+
+
+# ---------------------------------------------------------------------------- landmark_table_text
+
+
+def test_landmark_table_text_is_what_write_landmark_table_writes(tmp_path):
+    table = {"001": random_landmarks(3, seed=1), "002": random_landmarks(3, seed=2, missing=None)}
+    conf = {"001": np.linspace(0.0, 1.0, 6)}
+    for layout, confidence in (("long", conf), ("long", None), ("wide", None)):
+        path = tmp_path / f"{layout}.csv"
+        write_landmark_table(path, table, layout=layout, confidence=confidence)
+        assert path.read_text() == landmark_table_text(table, layout=layout, confidence=confidence)
+    lps = landmark_table_text(table, coordinate_system="LPS")
+    assert lps.splitlines()[0] == "# coordinate system: LPS, units: mm" == csv_frame_comment("LPS")
+    (tmp_path / "lps.csv").write_text(lps)
+    assert read_landmark_table(tmp_path / "lps.csv") == table
+
+
+def test_landmark_table_text_of_an_empty_table():
+    text = landmark_table_text({}, names=["a", "b"], spatial_dims=2, confidence={})
+    assert text.splitlines() == [CSV_FRAME_COMMENT, "case,landmark,name,x_mm,y_mm,confidence"]
+    assert landmark_table_text({}, names=["a", "b"], spatial_dims=3, layout="wide").splitlines()[1] == \
+        "case,a_x_mm,a_y_mm,a_z_mm,b_x_mm,b_y_mm,b_z_mm"
+    lm = random_landmarks(2)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        landmark_table_text({"a": lm}, spatial_dims=3)
+    with pytest.raises(ValueError, match="names"):
+        landmark_table_text({"a": lm}, names=[])
+    with pytest.raises(ValueError, match="confidence"):
+        landmark_table_text({"a": lm}, layout="wide", confidence={})
+    with pytest.raises(ValueError, match="layout"):
+        landmark_table_text({"a": lm}, layout="diagonal")
+
+
+# ---------------------------------------------------------------------------- the package's imports
+
+
+def test_landmarks_package_imports_only_core_and_itself_at_module_top():
+    package = Path(landmarks_package.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {p.name for p in modules} >= {"__init__.py", "model.py", "registry.py", "files.py"}
+    for path in modules:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            assert id(node) in top, f"{path.name}:{node.lineno}: import inside a function or block"
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}:{node.lineno}: relative import"
+                names = [node.module or ""]
+            else:
+                names = [a.name for a in node.names]
+            for name in names:
+                if name == "heatmark" or name.startswith("heatmark."):
+                    assert name.startswith(("heatmark.core.", "heatmark.landmarks.")) or name in (
+                        "heatmark.core", "heatmark.landmarks"), f"{path.name}:{node.lineno}: imports {name}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heatmark.heatmaps import gaussian_heatmaps
-from heatmark.geometry import input_to_output_voxels
-from heatmark.losses import HeatmapLoss
+from heatmark.core.heatmaps import gaussian_heatmaps
+from heatmark.core.geometry import input_to_output_voxels
+from heatmark.training.losses import HeatmapLoss
 
 
 def test_perfect_prediction_has_zero_loss_and_targets_are_on_device_grid():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.special import ellipe
 
-from heatmark.metrics import (
+from heatmark.evaluation.metrics import (
     identification_rate,
     match_points,
     measure,

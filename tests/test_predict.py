@@ -1,9 +1,10 @@
 """`heatmark predict` on a tiny randomly initialised copy of the ISBI bundle (no real data needed):
 outputs and their frames, bad inputs in errors.csv, resuming after an interruption, options,
-case names, usage errors."""
+case names, input discovery (the image reader registry's suffixes), the bundle's inferer, usage errors."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import re
@@ -14,13 +15,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from PIL import Image
 
 from conftest import REPO_ROOT
 from heatmark import predict as P
-from heatmark.decoding import decode_heatmaps
-from heatmark.fileio import TMP_PREFIX
-from heatmark.geometry import output_grid_affine
+from heatmark.bundle import bundle_config_files
+from heatmark.evaluation import DecodeLandmarksd
+from heatmark.evaluation.decoding import decode_heatmaps
+from heatmark.core.fileio import TMP_PREFIX
+from heatmark.core.geometry import output_grid_affine
 from heatmark.landmarks import CSV_FRAME_COMMENT, read_landmark_table, read_landmarks
+from heatmark.predict import runner
+from heatmark.transforms.io import DICOM_SUFFIXES
+from heatmark.transforms.io import IMAGE_SUFFIXES as REGISTRY_SUFFIXES
 
 BUNDLE = REPO_ROOT / "bundles" / "isbi2015_cephalometric"
 NUM_LANDMARKS = 19
@@ -55,13 +64,13 @@ BAD = {"empty": "empty", "text": "nifti", "truncated": "truncated|compressed|gzi
 
 
 def make_bundle(root: Path, overlay: str, model_name: str = "model.pt", seed: int = 0) -> Path:
-    from monai.bundle import ConfigParser
-
+    """A copy of the ISBI bundle with the ``overlay`` as configs/tiny.yaml and random weights for
+    the network of its inference configs (as ``heatmark predict --config tiny.yaml`` reads them)."""
     bundle = root
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
     (bundle / "configs" / "tiny.yaml").write_text(overlay)
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / c) for c in ("train.yaml", "inference.yaml", "tiny.yaml")])
+    parser.read_config([str(f) for f in bundle_config_files(bundle, "inference", ["tiny.yaml"])])
     parser["bundle_root"] = str(bundle)
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def")
@@ -116,8 +125,6 @@ def data(tmp_path_factory):
     nan = image((50, 50), 5)
     nan[10, 10] = np.nan
     save_nifti(inputs / "nan.nii.gz", nan, 2.0)
-    from PIL import Image
-
     Image.fromarray(np.clip(image((60, 80), 6) / 5, 0, 255).astype(np.uint8).T).save(inputs / "photo.png")
     (inputs / "notes.txt").write_text("not an input: .txt files inside a folder are ignored\n")
     out = root / "out"
@@ -176,7 +183,7 @@ def test_rerun_skips_done_cases_and_retries_failed(data, capsys):
 
 def test_interrupted_run_resumes_to_identical_results(data, monkeypatch, capsys):
     out = data["root"] / "interrupted"
-    real = P._write_case
+    real = runner.write_case
     calls = []
 
     def interrupt_on_second_case(*args, **kwargs):
@@ -185,7 +192,7 @@ def test_interrupted_run_resumes_to_identical_results(data, monkeypatch, capsys)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_write_case", interrupt_on_second_case)
+    monkeypatch.setattr(runner, "write_case", interrupt_on_second_case)
     code = run(data["bundle"], data["inputs"], out, "--config", "tiny.yaml", "--batch-size", 2, "--num-workers", 0,
                "--quiet")
     assert code == 130
@@ -198,7 +205,7 @@ def test_interrupted_run_resumes_to_identical_results(data, monkeypatch, capsys)
     assert set(r["case"] for r in read_csv(out / "errors.csv")) <= set(BAD)
     assert no_temporary_files(out)
 
-    monkeypatch.setattr(P, "_write_case", real)
+    monkeypatch.setattr(runner, "write_case", real)
     code = run(data["bundle"], data["inputs"], out, "--config", "tiny.yaml", "--batch-size", 2, "--num-workers", 0,
                "--quiet")
     assert code == 1
@@ -352,9 +359,80 @@ def test_case_names_and_input_discovery(tmp_path):
         P.find_inputs(tmp_path / "sub", pattern="*.png")
 
 
-def test_decoding_failure_is_reported_per_case(data, monkeypatch):
-    from heatmark.engines import DecodeLandmarksd
+def test_discovery_follows_the_image_reader_registry(tmp_path):
+    """Every ending the readers of heatmark.transforms.io register (DICOM included) is an input,
+    in any letter case; the .img of an Analyze/NIfTI pair is read through its .hdr, so a folder
+    holding a.hdr + a.img is one input."""
+    assert P.IMAGE_SUFFIXES == REGISTRY_SUFFIXES
+    assert set(DICOM_SUFFIXES) <= set(REGISTRY_SUFFIXES) and ".nii.gz" in REGISTRY_SUFFIXES
+    folder = tmp_path / "all"
+    folder.mkdir()
+    files = []
+    for i, suffix in enumerate(REGISTRY_SUFFIXES):
+        for name in (f"im{i}{suffix}", f"UP{i}{suffix.upper()}"):
+            (folder / name).write_bytes(b"")
+            files.append(folder / name)
+            assert P.find_inputs(folder / name) == [folder / name], name
+    (folder / "notes.txt").write_text("not an image\n")
+    found = P.find_inputs(folder)
+    assert sorted(found) == sorted(files)
+    names = dict(zip(found, P.assign_case_names(found)))
+    for i, suffix in enumerate(REGISTRY_SUFFIXES):
+        assert names[folder / f"im{i}{suffix}"] == f"im{i}", suffix
+        assert names[folder / f"UP{i}{suffix.upper()}"] == f"UP{i}", suffix
 
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for name in ("a.hdr", "a.img", "b.hdr.gz", "b.img.gz", "lone.img"):
+        (pair / name).write_bytes(b"")
+    rel = lambda ps: [p.relative_to(pair).as_posix() for p in ps]  # noqa: E731
+    assert rel(P.find_inputs(pair)) == ["a.hdr", "b.hdr.gz", "lone.img"]
+    assert P.assign_case_names(P.find_inputs(pair)) == ["a", "b", "lone"]
+    (pair / "b.hdr.gz").unlink()
+    (pair / "lone.img").unlink()
+    assert rel(P.find_inputs(pair)) == ["a.hdr", "b.img.gz"], "an .img without its .hdr is an input"
+
+
+# the bundle's `inference#inferer` replaced by a sliding window as large as the network input
+# (64 x 80): one window per image, so the landmarks must be those of the default SimpleInferer
+WINDOW = """
+inference#inferer:
+  _target_: SlidingWindowInferer
+  roi_size: '@input_size'
+  sw_batch_size: 1
+  overlap: 0.25
+  mode: constant
+"""
+
+
+def test_prediction_runs_the_bundles_inferer(data, monkeypatch):
+    bundle = data["bundle"]
+    (bundle / "configs" / "window.yaml").write_text(WINDOW)
+    default = P.load_bundle(P.PredictOptions(bundle, data["inputs"], data["root"] / "unused", configs=["tiny.yaml"]))
+    assert isinstance(default.inferer, SimpleInferer), "base.yaml: inference#inferer is @validate#inferer"
+    calls = []
+    real = SlidingWindowInferer.__call__
+
+    def spy(self, inputs, network, *args, **kwargs):
+        calls.append((type(self), tuple(inputs.shape)))
+        return real(self, inputs, network, *args, **kwargs)
+
+    monkeypatch.setattr(SlidingWindowInferer, "__call__", spy)
+    listing = data["root"] / "good.lst"
+    listing.write_text("".join(f"inputs/{p.name}\n" for p in sorted(data["inputs"].glob("case*"))))
+    out = data["root"] / "window"
+    code = run(bundle, listing, out, "--config", "tiny.yaml", "--config", "window.yaml", "--batch-size", 2,
+               "--num-workers", 0, "--quiet")
+    assert code == 0
+    assert calls == [(SlidingWindowInferer, (2, 1, 64, 80))] * 2, "one inferer call per forward pass (3 cases, batch 2)"
+    ref, got = read_landmark_table(data["out"] / "landmarks.csv"), read_landmark_table(out / "landmarks.csv")
+    assert sorted(got) == GOOD
+    voxel_mm = 3.0  # TINY_SCN spacing_mm
+    for case in GOOD:
+        np.testing.assert_allclose(got[case].coords, ref[case].coords, atol=0.5 * voxel_mm, rtol=0)
+
+
+def test_decoding_failure_is_reported_per_case(data, monkeypatch):
     def broken(self, d):
         raise RuntimeError("peak search exploded")
 
@@ -397,8 +475,6 @@ def test_usage_errors(data, tmp_path, capsys):
         run(bundle, inputs, tmp_path / "o7", "--batch-size", "0")
     assert e.value.code == 2
     # cmd_predict on a Namespace from add_predict_parser (how cli.py wires it)
-    import argparse
-
     parser = argparse.ArgumentParser()
     P.add_predict_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["predict", str(tmp_path / "nope"), str(inputs), str(tmp_path / "o8")])

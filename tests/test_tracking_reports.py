@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from heatmark import reports, tracking
-from heatmark.fileio import TMP_PREFIX
+from heatmark.core.fileio import TMP_PREFIX
 from heatmark.landmarks import Landmarks, read_landmark_table
-from heatmark.metrics import point_errors
+from heatmark.evaluation.metrics import point_errors
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

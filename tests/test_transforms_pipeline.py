@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, HistogramNormalized, Orientationd, RandAffined, Resized, Spacingd
 
-from heatmark.geometry import voxel_to_world, world_to_voxel
+from heatmark.core.geometry import voxel_to_world, world_to_voxel
 from heatmark.landmarks import read_landmarks
 from heatmark.transforms import (
     GaussianHeatmapd,
@@ -121,3 +121,22 @@ def test_robust_normalize():
     assert isinstance(res, MetaTensor) and torch.equal(res.affine, meta.affine)
     with pytest.raises(ValueError):
         RobustNormalize(lower=50, upper=10)
+
+
+def test_load_landmarksd_is_safe_from_threads(tmp_path):
+    """Many cases of one multi-case file loaded from 8 threads at once (as a CacheDataset fills its
+    cache): every case gets its own landmarks. The transform keeps no per-call state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from heatmark.landmarks import Landmarks, write_landmark_table
+
+    table = {f"c{i:02d}": Landmarks(np.array([[float(i), 2.0 * i], [np.nan, np.nan]]), ["a", "b"]) for i in range(64)}
+    path = tmp_path / "lm.csv"
+    write_landmark_table(path, table)
+    load = LoadLandmarksd("landmarks", spatial_dims=2)
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(lambda c: (c, load({"case": c, "landmarks": str(path)})["landmarks"]), sorted(table)))
+    for case, lm in out:
+        i = int(case[1:])
+        torch.testing.assert_close(lm[0], torch.tensor([float(i), 2.0 * i], dtype=torch.float64))
+        assert torch.isnan(lm[1]).all()

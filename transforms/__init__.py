@@ -15,8 +15,6 @@ from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage, LoadLandma
 from heatmark.transforms.points import (
     LoadLandmarks,
     LoadLandmarksd,
-    VoxelToWorld,
-    VoxelToWorldd,
     WorldToVoxel,
     WorldToVoxeld,
     as_landmark_tensor,
@@ -39,8 +37,6 @@ __all__ = [
     "RobustNormalized",
     "SeededRandomd",
     "SwapLandmarkPairs",
-    "VoxelToWorld",
-    "VoxelToWorldd",
     "WorldToVoxel",
     "WorldToVoxeld",
     "as_landmark_tensor",

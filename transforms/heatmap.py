@@ -1,4 +1,4 @@
-"""Gaussian heatmap targets as MONAI transforms, on :func:`heatmark.heatmaps.gaussian_heatmaps`.
+"""Gaussian heatmap targets as MONAI transforms, on :func:`heatmark.core.heatmaps.gaussian_heatmaps`.
 
 Training does not need these: the losses build targets on the training device from voxel
 landmarks. They exist for users who want heatmaps in their own pipelines, and for visualisation.
@@ -14,8 +14,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from heatmark.geometry import sigma_mm_to_voxels, world_to_voxel
-from heatmark.heatmaps import gaussian_heatmaps
+from heatmark.core.geometry import sigma_mm_to_voxels, world_to_voxel
+from heatmark.core.heatmaps import gaussian_heatmaps
 from heatmark.transforms.points import as_landmark_tensor
 
 __all__ = ["GaussianHeatmap", "GaussianHeatmapd"]

@@ -1,11 +1,11 @@
 """Landmarks in the data dictionary: loading them (world mm, RAS) and converting them to the voxel
-grid of an image through that image's *current* affine, and back.
+grid of an image through that image's *current* affine.
 
 Landmarks are stored in the data dictionary as a float64 tensor ``(N, D)`` of world coordinates;
 NaN rows are missing landmarks. They are not listed in the ``keys`` of MONAI's spatial transforms:
 those act on the image and record what they did in its affine (the geometry rule, DESIGN section 3),
 so a single :class:`WorldToVoxeld` right before targets are built is all the bookkeeping needed.
-:func:`heatmark.geometry.world_to_voxel` gives the same numbers as MONAI's
+:func:`heatmark.core.geometry.world_to_voxel` gives the same numbers as MONAI's
 ``ApplyTransformToPointsd(refer_keys=..., invert_affine=True)`` (checked in the tests) without its
 ``(C, N, D)`` channel convention, and also for 2D images: MONAI 1.6.1's transform fails on 2D points
 whenever a 4x4 affine is involved (a 2D MetaTensor's affine is 4x4).
@@ -23,7 +23,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from heatmark.geometry import voxel_to_world, world_to_voxel
+from heatmark.core.geometry import world_to_voxel
+from heatmark.landmarks import Landmarks, read_landmarks
 
 __all__ = [
     "as_landmark_tensor",
@@ -31,8 +32,6 @@ __all__ = [
     "LoadLandmarksd",
     "WorldToVoxel",
     "WorldToVoxeld",
-    "VoxelToWorld",
-    "VoxelToWorldd",
 ]
 
 
@@ -72,18 +71,21 @@ class LoadLandmarks(Transform):
         self.spatial_dims = spatial_dims
         self.case = case
 
-    def __call__(self, src: Any) -> torch.Tensor:
-        from heatmark.landmarks import Landmarks, read_landmarks
-
+    def __call__(self, src: Any, case: str | None = None) -> torch.Tensor:
+        """``src`` as ``(N, D)`` world mm; ``case`` (default: the one given at construction) picks
+        the case of a multi-case file."""
         if isinstance(src, (str, os.PathLike)):
-            src = read_landmarks(src, case=self.case, names=self.names, spatial_dims=self.spatial_dims)
+            src = read_landmarks(src, case=case if case is not None else self.case, names=self.names,
+                                 spatial_dims=self.spatial_dims)
         if isinstance(src, Landmarks):
             return as_landmark_tensor(src.coords, self.spatial_dims)
         return as_landmark_tensor(src, self.spatial_dims)
 
 
 class LoadLandmarksd(MapTransform):
-    """Dictionary wrapper of :class:`LoadLandmarks`: replaces ``d[key]`` by the ``(N, D)`` tensor."""
+    """Dictionary wrapper of :class:`LoadLandmarks`: replaces ``d[key]`` by the ``(N, D)`` tensor;
+    the case of a multi-case landmark file is ``d["case"]``. Stateless per call, so datasets may
+    run it from several threads at once."""
 
     def __init__(self, keys: KeysCollection, names: Sequence[str] | None = None, spatial_dims: int | None = None,
                  allow_missing_keys: bool = False):
@@ -94,8 +96,7 @@ class LoadLandmarksd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             case = d.get("case")
-            self.loader.case = str(case) if case is not None else None
-            d[key] = self.loader(d[key])
+            d[key] = self.loader(d[key], case=str(case) if case is not None else None)
         return d
 
 
@@ -112,25 +113,24 @@ class WorldToVoxel(Transform):
         return world_to_voxel(as_landmark_tensor(points), affine)
 
 
-class VoxelToWorld(Transform):
-    """Continuous voxel indices ``(N, D)`` to world points in mm through ``affine``."""
+class WorldToVoxeld(MapTransform):
+    """Write the voxel position of world landmarks ``d[key]`` on the grid of ``d[ref_key]``.
 
-    def __call__(self, points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-        return voxel_to_world(as_landmark_tensor(points), affine)
-
-
-class _PointsToFrame(MapTransform):
-    converter: Transform
+    Use it after the last spatial transform. By default the result goes to ``f"{key}_voxel"`` and
+    the world landmarks stay untouched. (The way back, voxel -> world, happens once, in decoding:
+    :func:`heatmark.evaluation.decoding.decode_heatmaps` with the image's affine.)
+    """
 
     def __init__(self, keys: KeysCollection, ref_key: str = "image", output_keys: KeysCollection | None = None,
-                 suffix: str = "", allow_missing_keys: bool = False):
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.ref_key = ref_key
         if output_keys is None:
-            output_keys = [f"{k}{suffix}" for k in self.keys]
+            output_keys = [f"{k}_voxel" for k in self.keys]
         self.output_keys = [output_keys] if isinstance(output_keys, str) else list(output_keys)
         if len(self.output_keys) != len(self.keys):
             raise ValueError("output_keys must have one entry per key")
+        self.converter = WorldToVoxel()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -138,28 +138,3 @@ class _PointsToFrame(MapTransform):
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.converter(d[key], affine)
         return d
-
-
-class WorldToVoxeld(_PointsToFrame):
-    """Write the voxel position of world landmarks ``d[key]`` on the grid of ``d[ref_key]``.
-
-    Use it after the last spatial transform. By default the result goes to ``f"{key}_voxel"`` and
-    the world landmarks stay untouched.
-    """
-
-    converter = WorldToVoxel()
-
-    def __init__(self, keys: KeysCollection, ref_key: str = "image", output_keys: KeysCollection | None = None,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, ref_key, output_keys, "_voxel", allow_missing_keys)
-
-
-class VoxelToWorldd(_PointsToFrame):
-    """Map voxel landmarks ``d[key]`` (e.g. decoded predictions) to world mm through ``d[ref_key]``'s
-    affine; by default the result goes to ``f"{key}_world"``."""
-
-    converter = VoxelToWorld()
-
-    def __init__(self, keys: KeysCollection, ref_key: str = "image", output_keys: KeysCollection | None = None,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, ref_key, output_keys, "_world", allow_missing_keys)

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import Flip, MapTransform, Randomizable, Transform
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
-from heatmark.geometry import spacing_from_affine, voxel_to_world, world_to_voxel
+from heatmark.core.geometry import spacing_from_affine, voxel_to_world, world_to_voxel
 from heatmark.transforms.points import as_landmark_tensor
 
 __all__ = [

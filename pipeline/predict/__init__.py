@@ -1,0 +1,104 @@
+"""``heatmark predict BUNDLE INPUT OUTPUT``: run a trained bundle over many images, resumably.
+
+The model of a MONAI bundle (``models/model.pt``, the network's ``state_dict``, or ``--model``) is
+loaded once and run over every input image with the bundle's own ``inference#preprocessing`` (the
+training preprocessing without landmarks, so training and prediction cannot drift apart),
+``inference#inferer`` (``SimpleInferer`` unless the bundle says otherwise) and
+``inference#postprocessing`` (:class:`heatmark.evaluation.DecodeLandmarksd`: heatmaps -> world mm).
+
+The flow, one module per step::
+
+    inputs.py    find_inputs, assign_case_names     INPUT -> image paths -> case names
+    model.py     load_bundle -> LoadedBundle        configs of the bundle's `inference` workflow
+                                                    (heatmark.bundle), network + weights, device, amp,
+                                                    fingerprint
+    store.py     CaseStore, check_run_file          OUTPUT/.heatmark: what is done, what failed;
+                                                    refuses results of another model or settings
+    dataset.py   CaseDataset, collate               preprocessing in DataLoader workers: a case or
+                                                    an error record, never an exception
+    runner.py    run_predict, infer_group           inferer + decoding per batch, the loop, Ctrl-C
+    export.py    write_case, write_tables           per-case files, then the tables from the states
+    cli.py       add_predict_parser, cmd_predict, main
+    options.py   PredictOptions, PredictSummary     what a run takes and gives (exit status)
+    errors.py    PredictUsageError, describe        usage errors; one-line reasons for errors.csv
+
+INPUT is an image file, a folder (scanned for the endings of :data:`IMAGE_SUFFIXES` and DICOM
+files; with a 3D bundle a folder of DICOM slices is one series; ``--recursive`` descends into
+subfolders, ``--pattern GLOB`` chooses files by name), or a ``.txt``/``.lst`` file listing one path
+per line (relative to the list's folder; blank lines and ``#`` comments are skipped).
+
+Layout of OUTPUT::
+
+    landmarks.csv          case,landmark,name,x_mm,y_mm[,z_mm],confidence (RAS mm, stated in
+                           the first comment line), every case done, sorted by case
+    measurements.csv       case,<measurement names...> when the bundle defines `measurements`
+    errors.csv             case,path,error: every input that could not be processed (header only
+                           when none failed)
+    <case>.mrk.json        per case, 3D Slicer markups (LPS, as Slicer writes them); and/or
+    <case>.fcsv / .json    per --format (fcsv in RAS; heatmark's plain JSON in RAS)
+    <case>_heatmaps.nii.gz with --save-heatmaps: the network output, landmarks along the 4th axis
+                           (2D: X x Y x 1 x N), with the output grid's affine
+    <case>_overlay.png     with --overlays
+    .heatmark/run.json     what produced the folder (model and config hashes, options)
+    .heatmark/cases/<case>.json   per-case state: the landmarks, confidence, measurements and
+                           files of a case done, or the error of a case that failed
+
+Resuming: every file is written to a temporary name and renamed (:mod:`heatmark.core.fileio`). A case's
+own files are written as soon as it is done, then its state file, which is the commit mark. The
+aggregate tables are regenerated from the states after each batch (at most once a second) and at
+the end, also after Ctrl-C, so they are always complete files that agree with the states. A rerun
+into the same OUTPUT skips the cases whose state says done for the same input path with all the
+requested files present (``--overwrite`` redoes them); failed cases are retried. A folder written
+with another model, other configs or another ``--spacing`` is refused unless ``--overwrite``.
+Rows are sorted by case, numbers written at full precision, and every forward pass runs at the full
+``--batch-size`` (partial batches are padded), so an interrupted and resumed run gives the same
+``landmarks.csv`` as an uninterrupted one with the same options, byte for byte.
+
+Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv),
+2 usage errors (missing bundle or model, no inputs, bad option), 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+from heatmark.predict.cli import add_predict_parser, cmd_predict, main
+from heatmark.predict.errors import PredictUsageError
+from heatmark.predict.inputs import IMAGE_SUFFIXES, LIST_SUFFIXES, assign_case_names, find_inputs
+from heatmark.predict.model import LoadedBundle, load_bundle
+from heatmark.predict.options import (
+    DEFAULT_FORMATS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    FORMATS,
+    PredictOptions,
+    PredictSummary,
+)
+from heatmark.predict.runner import AGGREGATE_INTERVAL_S, run_predict
+from heatmark.predict.store import STATE_DIR, STATE_VERSION
+from heatmark.transforms.io import has_dicom_marker  # noqa: F401 - was heatmark.predict.has_dicom_marker
+
+__all__ = [
+    "PredictUsageError",
+    "PredictOptions",
+    "PredictSummary",
+    "add_predict_parser",
+    "cmd_predict",
+    "main",
+    "run_predict",
+    "find_inputs",
+    "assign_case_names",
+    "load_bundle",
+    "LoadedBundle",
+    "FORMATS",
+    "DEFAULT_FORMATS",
+    "IMAGE_SUFFIXES",
+    "LIST_SUFFIXES",
+    "STATE_DIR",
+    "STATE_VERSION",
+    "AGGREGATE_INTERVAL_S",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+]

@@ -1,0 +1,125 @@
+"""The ``heatmark predict`` command line: :func:`add_predict_parser` (for ``heatmark``'s
+subcommands), :func:`cmd_predict` and :func:`main` (``python -m heatmark.predict``).
+
+Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv),
+2 usage errors (missing bundle or model, no inputs, bad option), 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from heatmark.predict.errors import PredictUsageError
+from heatmark.predict.options import DEFAULT_FORMATS, EXIT_INTERRUPTED, EXIT_USAGE, FORMATS, PredictOptions
+from heatmark.predict.runner import run_predict
+
+__all__ = ["add_predict_parser", "cmd_predict", "main"]
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _spacing(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected mm per axis like 0.1 or 0.1,0.1, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"spacing must be positive numbers (mm), got {text!r}")
+    return values
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder with configs/ and models/model.pt")
+    p.add_argument("input", help="an image, a folder of images, or a .txt/.lst file listing paths "
+                                 "(one per line, relative to the list's folder)")
+    p.add_argument("output", help="output folder (created; a rerun into it resumes)")
+    p.add_argument("--model", metavar="PATH", help="network weights (default: the bundle's ckpt_path, "
+                                                   "models/model.pt)")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="extra overlay config after base.yaml + the bundle's train.yaml + inference.yaml "
+                        "(in the bundle's configs/ or a path; repeatable)")
+    p.add_argument("--recursive", action="store_true", help="look for images in subfolders too")
+    p.add_argument("--pattern", metavar="GLOB", help="take the files whose name (or path below INPUT) matches, "
+                                                     "e.g. '*_t1.nii.gz'")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="cases per forward pass (default 1)")
+    p.add_argument("--num-workers", type=_int_at_least(0), default=None,
+                   help="data loading processes (default min(4, CPUs); 0 loads in the main process)")
+    p.add_argument("--spacing", type=_spacing, metavar="MM[,MM]",
+                   help="pixel spacing in mm for images without one (PNG/JPEG...); "
+                        "overrides the bundle's image_spacing")
+    p.add_argument("--pixel-units", action="store_true",
+                   help="accept images without any spacing as 1 mm per pixel (results are then in pixel units)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (fp16 on CUDA, bf16 on CPU; default: the bundle's amp, on CUDA only)")
+    p.add_argument("--format", action="append", metavar="FMT", dest="formats",
+                   help=f"outputs among {', '.join(FORMATS)}; repeatable or comma-separated "
+                        f"(default: {','.join(DEFAULT_FORMATS)}); csv is the table landmarks.csv")
+    p.add_argument("--save-heatmaps", action="store_true", help="write <case>_heatmaps.nii.gz (network output grid)")
+    p.add_argument("--overlays", action="store_true", help="write <case>_overlay.png")
+    p.add_argument("--overwrite", action="store_true", help="redo cases already done in OUTPUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``predict`` command to ``subparsers`` (of ``argparse``); returns its parser."""
+    p = subparsers.add_parser(
+        "predict", help="run a trained bundle over images: landmarks in world mm (CSV, Slicer)",
+        description="Run the model of BUNDLE over INPUT and write landmarks in world mm (RAS) to OUTPUT: "
+                    "landmarks.csv, one Slicer .mrk.json per case, measurements.csv, errors.csv. Bad inputs are "
+                    "listed in errors.csv and do not stop the run; a rerun into the same OUTPUT resumes.",
+        epilog="Exit status: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted.")
+    _add_arguments(p)
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def _options_from_args(args: argparse.Namespace) -> PredictOptions:
+    return PredictOptions(
+        bundle=args.bundle, input=args.input, output=args.output, model=args.model,
+        configs=tuple(args.config or ()), device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, spacing=args.spacing, pixel_units=args.pixel_units, amp=args.amp,
+        save_heatmaps=args.save_heatmaps, overlays=args.overlays,
+        formats=tuple(args.formats) if args.formats else DEFAULT_FORMATS, overwrite=args.overwrite,
+        recursive=args.recursive, pattern=args.pattern, progress=not args.quiet)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``heatmark predict``: returns the exit status (0, 1, 2 or 130)."""
+    try:
+        summary = run_predict(_options_from_args(args))
+    except PredictUsageError as e:
+        print(f"heatmark predict: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("heatmark predict: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"heatmark predict: {summary.line()}")
+    if summary.interrupted:
+        print(f"heatmark predict: interrupted; the files in {summary.output} are consistent for the cases done. "
+              "Run the same command again to resume.", file=sys.stderr)
+    return summary.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m heatmark.predict BUNDLE INPUT OUTPUT [options]``."""
+    parser = argparse.ArgumentParser(prog="heatmark")
+    add_predict_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

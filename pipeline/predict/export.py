@@ -1,0 +1,102 @@
+"""Writing the results: each case's own files as soon as it is done, and the tables of the run.
+
+Per case (:func:`write_case`): ``<case>.mrk.json`` / ``.fcsv`` / ``.json`` per format,
+``<case>_heatmaps.nii.gz`` (the network output, landmarks along the 4th axis, 2D as
+X x Y x 1 x N, with the output grid's affine) and ``<case>_overlay.png`` when asked. The tables
+(:func:`write_tables`) are rebuilt from the case states: ``landmarks.csv``, ``measurements.csv``
+(when the bundle defines ``measurements``) and ``errors.csv``, rows sorted by case, numbers at
+full precision. Every file is written to a temporary name and renamed
+(:mod:`heatmark.core.fileio`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from heatmark.core.fileio import atomic_path, atomic_write_text, csv_cell, csv_text
+from heatmark.core.geometry import nifti_affine, output_grid_affine
+from heatmark.evaluation.metrics import measure
+from heatmark.evaluation.reports import plot_overlay
+from heatmark.landmarks import Landmarks, landmark_table_text, write_landmarks
+from heatmark.predict.model import LoadedBundle
+from heatmark.predict.options import PredictOptions
+
+__all__ = ["case_files", "save_heatmaps", "write_case", "write_tables"]
+
+
+def case_files(case: str, opts: PredictOptions) -> list[str]:
+    """The names of the files of ``case`` the options ask for (``landmarks.csv`` aside)."""
+    files = [f"{case}.{fmt}" for fmt in opts.formats if fmt != "csv"]
+    if opts.save_heatmaps:
+        files.append(f"{case}_heatmaps.nii.gz")
+    if opts.overlays:
+        files.append(f"{case}_overlay.png")
+    return files
+
+
+def save_heatmaps(path: Path, heatmap: Any, grid_affine: np.ndarray, output_stride: Sequence[int]) -> None:
+    """``(N, *S)`` heatmaps as NIfTI, landmarks along the 4th axis, with the affine of the output
+    grid (``grid_affine`` is the network input's)."""
+    data = np.asarray(heatmap, dtype=np.float32)  # (N, *S)
+    data = np.moveaxis(data, 0, -1)  # (*S, N)
+    if data.ndim == 3:  # 2D: X x Y x 1 x N
+        data = data[:, :, None, :]
+    img = nib.Nifti1Image(np.ascontiguousarray(data), nifti_affine(output_grid_affine(grid_affine, output_stride)))
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"heatmark heatmaps; landmarks along axis 4"
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def write_case(out: Path, case: str, result: dict, bundle: LoadedBundle, opts: PredictOptions) -> dict:
+    """Write one case's own files (atomically); returns the case's state payload: ``coords``,
+    ``confidence``, ``measurements`` and ``files``."""
+    lm = Landmarks(result["world"], bundle.names)
+    for fmt in opts.formats:
+        if fmt != "csv":
+            write_landmarks(out / f"{case}.{fmt}", lm, case=case if fmt == "json" else None)
+    if opts.save_heatmaps:
+        save_heatmaps(out / f"{case}_heatmaps.nii.gz", result["heatmap"], result["affine"], bundle.output_stride)
+    if opts.overlays:
+        plot_overlay(result["image"], result["affine"], lm.coords, out / f"{case}_overlay.png",
+                     names=bundle.names, title=case)
+    values = measure(lm.coords, bundle.names, bundle.measurements) if bundle.measurements else {}
+    return {
+        "coords": [None if np.isnan(p).any() else [float(v) for v in p] for p in lm.coords],
+        "confidence": [float(c) for c in result["confidence"]],
+        "measurements": {k: (None if math.isnan(v) else float(v)) for k, v in values.items()},
+        "files": case_files(case, opts),
+    }
+
+
+def write_tables(out: Path, states: Mapping[str, dict], bundle: LoadedBundle, opts: PredictOptions) -> None:
+    """(Re)write ``landmarks.csv`` (with the ``csv`` format), ``measurements.csv`` (when the bundle
+    has measurements) and ``errors.csv`` from the case states, rows sorted by case."""
+    b = bundle
+    done = sorted(c for c, s in states.items() if s["status"] == "done")
+    failed = sorted(c for c, s in states.items() if s["status"] == "failed")
+    if "csv" in opts.formats:
+        table, conf = {}, {}
+        for c in done:
+            s = states[c]
+            coords = np.array([p if p is not None else [np.nan] * b.spatial_dims for p in s["coords"]],
+                              dtype=np.float64)
+            table[c] = Landmarks(coords, b.names)
+            conf[c] = np.asarray(s["confidence"], dtype=np.float64)
+        text = landmark_table_text(table, confidence=conf, names=b.names, spatial_dims=b.spatial_dims)
+        atomic_write_text(out / "landmarks.csv", text)
+    if b.measurement_names:
+        rows: list[list[Any]] = [["case", *b.measurement_names]]
+        for c in done:
+            m = states[c].get("measurements") or {}
+            rows.append([c, *("" if m.get(n) is None else csv_cell(float(m[n])) for n in b.measurement_names)])
+        atomic_write_text(out / "measurements.csv", csv_text(rows))
+    rows = [["case", "path", "error"]]
+    rows += [[c, states[c].get("path", ""), states[c].get("error", "")] for c in failed]
+    atomic_write_text(out / "errors.csv", csv_text(rows))

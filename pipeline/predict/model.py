@@ -1,0 +1,201 @@
+"""Loading a bundle for prediction: its configs, network and weights, device and precision.
+
+The config files are those of the bundle's ``inference`` workflow
+(:func:`heatmark.bundle.bundle_config_files`: heatmark's shipped ``base.yaml``, the bundle's
+``configs/train.yaml``, the shipped ``inference.yaml``, then ``--config`` overlays), read with
+MONAI's ``ConfigParser`` with ``bundle_root`` set to the bundle. Only the keys prediction needs are
+built (no dataset is touched): ``inference#preprocessing``, ``inference#inferer``,
+``inference#postprocessing``, ``network_def``, ``landmark_names``, ``spatial_dims``,
+``output_stride``, ``ckpt_path``, ``measurements``, ``amp`` / ``amp_dtype``, and ``image_spacing``
+(overridden by ``--spacing`` before anything is built; ``--pixel-units`` sets
+``inference#loader#allow_pixel_units``). Every problem is a :class:`PredictUsageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from heatmark.bundle import BundleError, bundle_config_files, check_bundle
+from heatmark.core.axes import per_axis
+from heatmark.core.fileio import sha256_file
+from heatmark.evaluation.metrics import measure
+from heatmark.predict.errors import PredictUsageError, describe
+from heatmark.predict.options import PredictOptions
+
+__all__ = ["LoadedBundle", "load_bundle", "resolve_device"]
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle ready to predict: its network (weights loaded, on ``device``, in eval mode) and
+    the objects around it.
+
+    Attributes:
+        root: the bundle folder.
+        network: the bundle's ``network_def``.
+        preprocessing: ``inference#preprocessing``: ``{image_key: path}`` -> preprocessed image.
+        inferer: ``inference#inferer``: ``inferer(images, network)`` -> heatmaps.
+        postprocessing: ``inference#postprocessing``: heatmaps -> ``pred_world``, ``confidence``.
+        names: ``landmark_names``.
+        spatial_dims: 2 or 3.
+        output_stride: input voxels per heatmap voxel, per axis.
+        measurements: the bundle's ``measurements`` definitions; ``measurement_names`` their columns.
+        device: where the network runs.
+        amp: mixed precision on; ``amp_kwargs`` for :func:`heatmark.training.autocast_context`.
+        fingerprint: what makes results comparable (model and config hashes, spacing, landmarks).
+    """
+
+    root: Path
+    network: Any
+    preprocessing: Callable
+    inferer: Callable
+    postprocessing: Callable
+    names: list[str]
+    spatial_dims: int
+    output_stride: tuple[int, ...]
+    measurements: list[dict]
+    measurement_names: list[str]
+    device: Any
+    amp: bool
+    amp_kwargs: dict
+    fingerprint: dict
+    image_key: str = "image"
+    pred_key: str = "pred"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise PredictUsageError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PredictUsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PredictUsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        with contextlib.suppress(Exception):
+            torch.empty(0, device=device)
+            return device
+        raise PredictUsageError(f"--device {name}: not available")
+    return device
+
+
+def _state_dict(obj: Any) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("model", "network", "state_dict", "net"):
+            if isinstance(obj.get(key), Mapping):
+                return _state_dict(obj[key])
+    raise ValueError("it holds no network state_dict (expected a dict of tensors, or one under "
+                     "'model'/'network'/'state_dict')")
+
+
+def _configs_sha256(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _read_configs(opts: PredictOptions) -> tuple[Path, list[Path], ConfigParser]:
+    """The bundle folder, its inference config files and a parser over them with the options applied."""
+    try:
+        bundle = check_bundle(opts.bundle)
+        files = bundle_config_files(bundle, "inference", opts.configs)
+    except BundleError as e:
+        raise PredictUsageError(str(e)) from None
+    parser = ConfigParser()
+    try:
+        parser.read_config([str(f) for f in files])
+    except Exception as e:  # noqa: BLE001 - one clear line
+        raise PredictUsageError(f"cannot read the bundle configs {[str(f) for f in files]}: {describe(e)}") from None
+    parser["bundle_root"] = str(bundle)
+    if opts.spacing is not None:
+        parser["image_spacing"] = [float(s) for s in opts.spacing]
+    if opts.pixel_units:
+        if "inference#loader" not in parser:
+            raise PredictUsageError(f"--pixel-units: bundle {bundle} has no `inference#loader` to configure")
+        parser["inference#loader#allow_pixel_units"] = True
+    return bundle, files, parser
+
+
+def load_bundle(opts: PredictOptions) -> LoadedBundle:
+    """Build what prediction needs from the bundle ``opts.bundle``; see the module documentation.
+
+    Raises:
+        PredictUsageError: no bundle, a config missing or broken, no model or one that does not
+            fit the network, a device that is not there (one line, naming the file or key).
+    """
+    bundle, files, parser = _read_configs(opts)
+
+    def get(key: str, default: Any = ..., what: str = ""):
+        if default is not ... and key not in parser:
+            return default
+        try:
+            return parser.get_parsed_content(key)
+        except Exception as e:  # noqa: BLE001
+            raise PredictUsageError(f"bundle {bundle}: cannot build {key!r}{what}: {describe(e)}") from None
+
+    names = [str(n) for n in get("landmark_names")]
+    spatial_dims = int(get("spatial_dims"))
+    preprocessing = get("inference#preprocessing", what=" (with --spacing)" if opts.spacing is not None else "")
+    inferer = get("inference#inferer")
+    postprocessing = get("inference#postprocessing")
+    network = get("network_def")
+    stride = get("output_stride", None) or getattr(network, "output_stride", None)
+    try:
+        output_stride = per_axis(stride, spatial_dims, name="output_stride", default=1)
+    except (ValueError, TypeError) as e:
+        raise PredictUsageError(f"bundle {bundle}: bad `output_stride`: {e}") from None
+    measurements = list(get("measurements", []) or [])
+    try:
+        measurement_names = list(measure(np.full((len(names), spatial_dims), np.nan), names, measurements))
+    except (ValueError, KeyError, TypeError) as e:
+        raise PredictUsageError(f"bundle {bundle}: bad `measurements`: {e}") from None
+
+    model = Path(os.path.expanduser(os.fspath(opts.model))) if opts.model else Path(get("ckpt_path"))
+    if not model.is_file():
+        raise PredictUsageError(f"model not found: {model} (train the bundle first, or pass --model PATH)")
+    try:
+        state = _state_dict(torch.load(model, map_location="cpu", weights_only=True))
+        network.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001
+        raise PredictUsageError(f"cannot load the model {model} into the bundle's network_def: "
+                                f"{describe(e).splitlines()[0][:300]}") from None
+
+    device = resolve_device(opts.device)
+    bundle_amp = bool(get("amp", False))
+    amp = bool(opts.amp) if opts.amp is not None else (bundle_amp and device.type == "cuda")
+    amp_dtype = str(get("amp_dtype", "float16")) if device.type == "cuda" else "bfloat16"
+    network = network.to(device).eval()
+
+    fingerprint = {
+        "model_sha256": sha256_file(model),
+        "configs_sha256": _configs_sha256(files),
+        "image_spacing": None if opts.spacing is None else [float(s) for s in opts.spacing],
+        "pixel_units": bool(opts.pixel_units),
+        "landmark_names": names,
+        "spatial_dims": spatial_dims,
+    }
+    return LoadedBundle(root=bundle, network=network, preprocessing=preprocessing, inferer=inferer,
+                        postprocessing=postprocessing, names=names, spatial_dims=spatial_dims,
+                        output_stride=output_stride, measurements=measurements,
+                        measurement_names=measurement_names, device=device, amp=amp,
+                        amp_kwargs={"dtype": amp_dtype}, fingerprint=fingerprint,
+                        image_key=str(getattr(postprocessing, "image_key", "image")),
+                        pred_key=str(getattr(postprocessing, "pred_key", "pred")))

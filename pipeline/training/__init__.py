@@ -1,0 +1,33 @@
+"""Training: MONAI engines with device-aware mixed precision (:mod:`~heatmark.training.engines`),
+the heatmap loss (:mod:`~heatmark.training.losses`), atomic checkpoints and resume
+(:mod:`~heatmark.training.checkpoint`), stop and learning-rate handlers
+(:mod:`~heatmark.training.handlers`) and MLflow tracking (:mod:`~heatmark.training.tracking`)."""
+
+from heatmark.training.checkpoint import AtomicCheckpointSaver, AtomicDiskSaver, TrainingCheckpoint, latest_checkpoint
+from heatmark.training.engines import (
+    LandmarkEvaluator,
+    LandmarkPrepareBatch,
+    LandmarkTrainer,
+    NonFiniteError,
+    autocast_context,
+)
+from heatmark.training.handlers import EarlyStopping, TimeCosineLR, TimeLimit
+from heatmark.training.losses import HeatmapLoss
+from heatmark.training.tracking import MLflowExtrasHandler
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
+    "EarlyStopping",
+    "HeatmapLoss",
+    "LandmarkEvaluator",
+    "LandmarkPrepareBatch",
+    "LandmarkTrainer",
+    "MLflowExtrasHandler",
+    "NonFiniteError",
+    "TimeCosineLR",
+    "TimeLimit",
+    "TrainingCheckpoint",
+    "autocast_context",
+    "latest_checkpoint",
+]
