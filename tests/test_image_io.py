@@ -6,17 +6,20 @@ Every image is tiny and written into tmp_path with nibabel / ITK / pydicom / PIL
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 import warnings
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor, PydicomReader, list_data_collate
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from heatmark.core.geometry import voxel_to_world
@@ -749,6 +752,292 @@ def test_dicom_pixels_fall_back_to_gdcm(tmp_path, monkeypatch):
     assert img.shape == expected.shape == (1, 7, 3)
     np.testing.assert_array_equal(img.numpy(), expected.numpy())
     np.testing.assert_allclose(img.affine.numpy(), expected.affine.numpy())
+
+
+# ------------------------------------------------------------------------------------ DICOM colour
+
+
+def write_colour_dcm(path, samples, photometric="RGB", planar=0, pixel_spacing=(0.5, 0.4), position=None,
+                     orientation=None, series_uid=None, instance=1, modality="OT"):
+    """Write an 8-bit colour DICOM; ``samples`` is (Rows, Columns, 3) or (Frames, Rows, Columns, 3)
+    in the order the photometric interpretation names them (R, G, B or Y, Cb, Cr), stored as they
+    are (``YBR_FULL_422``: subsampled here, the chroma of each pixel pair must be equal)."""
+    samples = np.asarray(samples, dtype=np.uint8)
+    frames = samples[None] if samples.ndim == 3 else samples
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID = modality, "test", "1.2.826.0.1.3680043.8.498.2"
+    ds.SeriesInstanceUID, ds.InstanceNumber = series_uid or generate_uid(), instance
+    ds.Rows, ds.Columns = frames.shape[1:3]
+    if samples.ndim == 4:
+        ds.NumberOfFrames = frames.shape[0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, planar
+    if pixel_spacing is not None:
+        ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    if position is not None:
+        ds.ImagePositionPatient = [float(v) for v in position]
+    if orientation is not None:
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+    if photometric == "YBR_FULL_422":  # Y1 Y2 Cb Cr per pair of pixels along a row
+        assert planar == 0 and np.array_equal(frames[:, :, 0::2, 1:], frames[:, :, 1::2, 1:])
+        pairs = np.concatenate([frames[:, :, 0::2, :1], frames[:, :, 1::2, :1], frames[:, :, 0::2, 1:]], axis=-1)
+        data = pairs.tobytes()
+    else:
+        data = (np.moveaxis(frames, -1, 1) if planar == 1 else frames).tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def colour_picture():
+    """(Rows=3, Columns=7, 3) RGB: a bluish background and one pure red pixel at row 1, column 5."""
+    rgb = np.empty((3, 7, 3), np.uint8)
+    rgb[...] = (100, 50, 200)
+    rgb[1, 5] = (255, 0, 0)
+    return rgb
+
+
+@pytest.mark.parametrize("planar", [0, 1])
+def test_dicom_rgb_becomes_luminance_with_its_spacing(tmp_path, planar):
+    f = write_colour_dcm(tmp_path / f"rgb{planar}.dcm", colour_picture(), planar=planar, pixel_spacing=(0.5, 0.4))
+    with pytest.warns(UserWarning, match="colour image converted to grayscale"):
+        img = LoadLandmarkImage()(f)
+    assert img.shape == (1, 7, 3) and img.meta["spatial_dims"] == 2
+    expected = np.tensordot(colour_picture().astype(np.float64), LUMA, axes=(-1, 0)).T  # (Columns, Rows)
+    np.testing.assert_allclose(img[0].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(img[0, 5, 1].item(), 0.299 * 255, rtol=1e-6)
+    np.testing.assert_allclose(img[0, 0, 0].item(), 0.299 * 100 + 0.587 * 50 + 0.114 * 200, rtol=1e-6)
+    np.testing.assert_allclose(img.meta["spacing"], [0.4, 0.5])
+    np.testing.assert_allclose(img.affine.numpy(), np.diag([0.4, 0.5, 1.0]))
+    assert img.meta["world_frame"] == "image"
+    kept = LoadLandmarkImage(keep_color=True)(f)
+    assert kept.shape == (3, 7, 3)
+    np.testing.assert_array_equal(kept[:, 5, 1].numpy(), [255, 0, 0])
+    np.testing.assert_array_equal(kept[:, 0, 0].numpy(), [100, 50, 200])
+
+
+def test_dicom_rgb_with_position_keeps_the_patient_geometry(tmp_path):
+    f = write_colour_dcm(tmp_path / "pos.dcm", colour_picture(), pixel_spacing=(0.5, 0.4), position=(10, 20, 30),
+                         orientation=(1, 0, 0, 0, 1, 0))
+    with pytest.warns(UserWarning, match="colour"):
+        img = LoadLandmarkImage(spatial_dims=2)(f)
+    assert img.shape == (1, 7, 3)
+    np.testing.assert_allclose(img.affine.numpy(), [[-0.4, 0, -10], [0, -0.5, -20], [0, 0, 1]])
+    assert img.meta["world_frame"] == "RAS"
+
+
+def test_dicom_rgb_with_equal_channels_is_grey_without_warning(tmp_path):
+    grey = np.repeat(radiograph().clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    grey[1, 5] = 200
+    f = write_colour_dcm(tmp_path / "grey_rgb.dcm", grey)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        img = LoadLandmarkImage()(f)
+    assert img.shape == (1, 7, 3) and bright_index(img) == (5, 1) and float(img.max()) == 200
+
+
+def ybr_picture():
+    """(Rows=3, Columns=8, 3) Y, Cb, Cr with known Y; each pair of pixels along a row shares its chroma."""
+    rng = np.random.default_rng(7)
+    ybr = np.empty((3, 8, 3), np.uint8)
+    ybr[..., 0] = rng.integers(16, 240, size=(3, 8))
+    ybr[..., 1:] = np.repeat(rng.integers(60, 200, size=(3, 4, 2)), 2, axis=1)
+    return ybr
+
+
+@pytest.mark.parametrize("photometric,planar", [("YBR_FULL", 0), ("YBR_FULL", 1), ("YBR_FULL_422", 0)])
+def test_dicom_ybr_gives_its_y_channel(tmp_path, photometric, planar):
+    ybr = ybr_picture()
+    f = write_colour_dcm(tmp_path / f"{photometric}_{planar}.dcm", ybr, photometric=photometric, planar=planar,
+                         pixel_spacing=(0.3, 0.2))
+    with pytest.warns(UserWarning, match="colour"):
+        img = LoadLandmarkImage()(f)
+    assert img.shape == (1, 8, 3)
+    np.testing.assert_allclose(img[0].numpy(), ybr[..., 0].T.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(img.meta["spacing"], [0.2, 0.3])
+
+
+def test_dicom_ybr_without_chroma_is_grey_without_warning(tmp_path):
+    ybr = ybr_picture()
+    ybr[..., 1:] = 128
+    f = write_colour_dcm(tmp_path / "ybr_grey.dcm", ybr, photometric="YBR_FULL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        img = LoadLandmarkImage()(f)
+    np.testing.assert_array_equal(img[0].numpy(), ybr[..., 0].T)
+
+
+def test_dicom_jpeg_baseline_ybr_full_422_secondary_capture(tmp_path):
+    """The usual secondary capture: JPEG baseline, YBR_FULL_422; the grey image is the JPEG's Y."""
+    yy, xx = np.mgrid[0:16, 0:24]
+    rgb = np.stack([8 * xx + 40, 10 * yy + 30, 200 - 5 * xx], axis=-1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, subsampling=1)  # 4:2:2
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    f = tmp_path / "sc_jpeg.dcm"
+    ds = FileDataset(str(f), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "OT"
+    ds.Rows, ds.Columns = 16, 24
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.PixelSpacing = [0.25, 0.25]
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(f), enforce_file_format=True)
+    with pytest.warns(UserWarning, match="colour"):
+        img = LoadLandmarkImage(spatial_dims=2)(f)
+    assert img.shape == (1, 24, 16)
+    np.testing.assert_allclose(img.meta["spacing"], [0.25, 0.25])
+    luma = np.tensordot(rgb.astype(np.float64), LUMA, axes=(-1, 0)).T
+    assert np.abs(img[0].numpy() - luma).max() < 4  # lossy JPEG, but the luma of the picture
+
+
+def test_dicom_colour_bundle_style_2d_load(tmp_path):
+    """What a 2D bundle does: LoadLandmarkImaged(spatial_dims=2) gives a 2D image, not a 3D volume."""
+    f = write_colour_dcm(tmp_path / "sc.dcm", colour_picture(), pixel_spacing=(0.5, 0.4))
+    load = LoadLandmarkImaged(keys="image", spatial_dims=2)
+    with pytest.warns(UserWarning, match="colour"):
+        img = load({"image": str(f)})["image"]
+    assert img.shape == (1, 7, 3) and img.meta["spatial_dims"] == 2
+    assert img.affine.shape == (3, 3)
+    np.testing.assert_allclose(img.meta["spacing"], [0.4, 0.5])
+
+
+@pytest.mark.parametrize("photometric,planar", [("RGB", 0), ("RGB", 1), ("YBR_FULL", 0)])
+def test_dicom_multiframe_colour_is_a_grey_volume(tmp_path, photometric, planar):
+    if photometric == "RGB":
+        frames = np.stack([colour_picture(), colour_picture() // 2, colour_picture() // 3])
+        expected = np.tensordot(frames.astype(np.float64), LUMA, axes=(-1, 0)).transpose(2, 1, 0)  # (x, y, frame)
+    else:
+        frames = np.stack([ybr_picture()[:, :7], ybr_picture()[::-1, 1:], ybr_picture()[:, :7] // 2])
+        expected = frames[..., 0].transpose(2, 1, 0)
+    f = write_colour_dcm(tmp_path / f"mf{planar}.dcm", frames, photometric=photometric, planar=planar,
+                         pixel_spacing=(0.5, 0.4))
+    with pytest.warns(UserWarning, match="colour"):
+        img = LoadLandmarkImage(spatial_dims=3)(f)
+    assert img.shape == (1, 7, 3, 3)
+    np.testing.assert_allclose(img[0].numpy(), expected, atol=1e-3)
+    np.testing.assert_allclose(img.meta["spacing"][:2], [0.4, 0.5])
+    with pytest.raises(ImageLoadError) as e:
+        LoadLandmarkImage(spatial_dims=2)(f)
+    assert_file_error(e, f, "3D volume")
+
+
+def test_dicom_colour_series_folder_is_a_grey_volume(tmp_path):
+    folder = tmp_path / "colour_series"
+    folder.mkdir()
+    uid = generate_uid()
+    for k in range(3):
+        write_colour_dcm(folder / f"slice_{3 - k:03d}.dcm", colour_picture() // (k + 1), pixel_spacing=(0.5, 0.4),
+                         position=(10, 20, 30 + 2.5 * k), orientation=(1, 0, 0, 0, 1, 0), series_uid=uid,
+                         instance=k + 1)
+    with pytest.warns(UserWarning, match="colour"):
+        img = LoadLandmarkImage(spatial_dims=3)(folder)
+    assert img.shape == (1, 7, 3, 3)
+    np.testing.assert_allclose(img.affine.numpy(), [[-0.4, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    expected = np.stack([np.tensordot((colour_picture() // (k + 1)).astype(np.float64), LUMA, axes=(-1, 0)).T
+                         for k in range(3)], axis=-1)
+    np.testing.assert_allclose(img[0].numpy(), expected, atol=1e-3)
+
+
+def test_dicom_unsupported_compression_is_one_line_naming_the_file(tmp_path):
+    """Compressed pixel data no installed decoder reads (HTJ2K here): one clear line, not a traceback."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K lossless
+    f = tmp_path / "htj2k.dcm"
+    ds = FileDataset(str(f), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = 8, 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelSpacing = [0.2, 0.2]
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(f), enforce_file_format=True)
+    with pytest.raises(ImageLoadError) as e:
+        LoadLandmarkImage()(f)
+    assert_file_error(e, f, "compressed", "High-Throughput JPEG 2000", "1.2.840.10008.1.2.4.201", "decode")
+    assert "\n" not in str(e.value) and e.value.path == str(f)
+
+
+# ------------------------------------------------------------------------------------ DICOM values
+
+
+def set_raw_dicom_value(path, keyword, raw: str):
+    """Store ``raw`` as the value of ``keyword`` byte for byte (pydicom refuses to write it)."""
+    raw_b = raw.encode("ascii")
+    raw_b += b" " * (len(raw_b) % 2)
+    placeholder = "\\".join("7" * len(part) for part in raw_b.decode().split("\\"))
+    ds = pydicom.dcmread(str(path))
+    setattr(ds, keyword, placeholder.split("\\") if "\\" in placeholder else placeholder)
+    ds.save_as(str(path))
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode() + struct.pack("<H", len(raw_b))
+    data = path.read_bytes()
+    assert data.count(head + placeholder.encode()) == 1
+    path.write_bytes(data.replace(head + placeholder.encode(), head + raw_b))
+    return path
+
+
+# keyword -> (bad value, its tag number, write_dcm keyword arguments)
+BAD_DICOM_VALUES = {
+    "NumberOfFrames": ("1A", "(0028,0008)", {"pixel_spacing": (0.5, 0.4)}),
+    "PixelSpacing": ("0.5\\abc", "(0028,0030)", {"pixel_spacing": (0.5, 0.4)}),
+    "ImagerPixelSpacing": ("x\\y", "(0018,1164)", {"imager_spacing": (0.5, 0.4)}),
+    "SliceThickness": ("thick", "(0018,0050)", {"pixel_spacing": (0.5, 0.4)}),
+    "ImagePositionPatient": ("1\\2\\zz", "(0020,0032)",
+                             {"pixel_spacing": (0.5, 0.4), "position": (1, 2, 3), "orientation": (1, 0, 0, 0, 1, 0)}),
+    "ImageOrientationPatient": ("1\\0\\0\\0\\1\\O", "(0020,0037)",
+                                {"pixel_spacing": (0.5, 0.4), "position": (1, 2, 3), "orientation": (1, 0, 0, 0, 1, 0)}),
+    "RescaleSlope": ("one", "(0028,1053)", {"pixel_spacing": (0.5, 0.4)}),
+}
+
+
+@pytest.mark.parametrize("keyword", list(BAD_DICOM_VALUES))
+def test_dicom_malformed_value_names_file_tag_and_value(tmp_path, keyword):
+    bad, number, kwargs = BAD_DICOM_VALUES[keyword]
+    f = write_dcm(tmp_path / f"bad_{keyword}.dcm", radiograph(), **kwargs)
+    set_raw_dicom_value(f, keyword, bad)
+    with pytest.raises(ImageLoadError) as e:
+        LoadLandmarkImage(spatial_dims=2)(f)
+    msg = str(e.value)
+    assert e.value.path == str(f)
+    assert_file_error(e, f, keyword, number, bad)
+    assert "\n" not in msg and "invalid literal" not in msg and "could not convert" not in msg, msg
+
+
+def test_dicom_malformed_value_in_pydicom_strict_mode(tmp_path, monkeypatch):
+    """pydicom's strict reading mode raises on the value itself: the same message."""
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    f = set_raw_dicom_value(write_dcm(tmp_path / "strict.dcm", radiograph(), pixel_spacing=(0.5, 0.4)),
+                            "NumberOfFrames", "1A")
+    with pytest.raises(ImageLoadError) as e:
+        LoadLandmarkImage()(f)
+    assert_file_error(e, f, "NumberOfFrames (0028,0008) holds an invalid value '1A'")
+
+
+def test_dicom_series_malformed_value_names_the_slice(tmp_path):
+    folder = write_series(tmp_path / "ct", n=3)
+    bad_slice = sorted(folder.iterdir())[1]
+    set_raw_dicom_value(bad_slice, "SliceThickness", "2,5")
+    with pytest.raises(ImageLoadError) as e:
+        LoadLandmarkImage()(folder)
+    assert_file_error(e, folder, bad_slice.name, "SliceThickness", "(0018,0050)", "2,5")
+    assert "\n" not in str(e.value)
 
 
 def test_mha_2d_zero_spacing_refused(tmp_path):

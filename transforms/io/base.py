@@ -19,11 +19,25 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["ImageData", "ImageLoadError", "ImageReader", "MAX_VOXELS", "check_size", "describe", "fmt", "read_failed"]
+__all__ = [
+    "LUMA",
+    "MAX_VOXELS",
+    "ImageData",
+    "ImageLoadError",
+    "ImageReader",
+    "check_size",
+    "describe",
+    "fmt",
+    "read_failed",
+]
 
 #: Default ceiling on ``channels * voxels`` of one image; larger declared sizes are refused
 #: from the header, before any allocation.
 MAX_VOXELS = 2**31
+
+#: Luminance weights of R, G and B (ITU-R BT.601, the Y of JPEG's and DICOM's YBR_FULL): colour
+#: images are made grey with them.
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
 class ImageLoadError(ValueError):
@@ -65,6 +79,9 @@ class ImageData:
         patient_plane: ``(position, row direction, column direction)`` in LPS for a 2D image
             placed in the patient frame (DICOM ImagePositionPatient/ImageOrientationPatient).
         intensity_inverted: values were inverted (DICOM MONOCHROME1).
+        colour: the channel axis holds the R, G, B samples of one colour image (DICOM
+            SamplesPerPixel 3), so the loader makes it grey (or keeps it with ``keep_color``)
+            for a volume as for a 2D image, instead of refusing several channels.
     """
 
     array: np.ndarray
@@ -77,6 +94,7 @@ class ImageData:
     zero_spacing_tag: str | None = None
     patient_plane: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     intensity_inverted: bool = False
+    colour: bool = False
 
 
 class ImageReader:

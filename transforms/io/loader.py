@@ -16,8 +16,8 @@ input                       reader
 folder of DICOM files       ITK/GDCM series reading (one series per folder), then
                             :meth:`ITKReader.get_data`; slice positions checked with pydicom
 single DICOM file           one frame: :class:`monai.data.PydicomReader` for the pixels
-                            (rescale slope/intercept applied), the affine built here from
-                            the tags (see below); several frames: ITKReader
+                            (rescale slope/intercept applied; colour: pydicom), the affine
+                            built here from the tags (see below); several frames: ITKReader
 ``.png``, ``.jpg``,         :class:`monai.data.PILReader` (array ``(W, H)``, axis 0 = x),
 ``.jpeg``, ``.bmp``,        spacing from the user
 ``.tif``, ``.tiff``
@@ -63,8 +63,13 @@ Radiographs are grayscale. RGB(A) images whose colour channels are identical bec
 channel; alpha is dropped; palette/bilevel/CMYK images are converted by PIL first. Genuinely
 coloured images are converted to luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) with a
 warning, unless ``keep_color=True``, which keeps the three channels first ``(3, W, H)``.
-DICOM ``MONOCHROME1`` images are inverted so that bright means dense, as in MONOCHROME2
-(``meta["intensity_inverted"]``).
+Colour DICOM (``SamplesPerPixel`` 3: RGB, or YBR_FULL / YBR_FULL_422, whose luminance is their Y
+channel) follows the same rules, for a single frame and for multi-frame files and series too
+(a grey volume; ``keep_color=True`` keeps ``(3, W, H, D)``); pixel spacing and geometry are
+those of a grey DICOM. DICOM ``MONOCHROME1`` images are inverted so that bright means dense, as
+in MONOCHROME2 (``meta["intensity_inverted"]``). A malformed numeric DICOM value (a
+``NumberOfFrames`` of ``1A``, a ``PixelSpacing`` of ``0.5\\abc``) is an error naming the file,
+the tag and the value.
 """
 
 from __future__ import annotations
@@ -84,13 +89,12 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import get_equivalent_dtype
 
-from heatmark.transforms.io.base import MAX_VOXELS, ImageData, ImageLoadError, ImageReader, describe, fmt, read_failed
+from heatmark.transforms.io.base import LUMA, MAX_VOXELS, ImageData, ImageLoadError, ImageReader, describe, fmt, read_failed
 from heatmark.transforms.io.registry import reader_for
 
 __all__ = ["LoadLandmarkImage", "LoadLandmarkImaged"]
 
 _RAS = "RAS"
-_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ class LoadLandmarkImage(Transform):
             arr = np.moveaxis(arr, int(ch), 0)
         nchan, spatial = arr.shape[0], arr.shape[1:]
         nd = len(spatial)
-        if nd not in (2, 3) or (nchan > 1 and (nd == 3 or not reader.colour_2d)):
+        if nd not in (2, 3) or (nchan > 1 and not raw.colour and (nd == 3 or not reader.colour_2d)):
             shape = tuple(spatial) + ((nchan,) if nchan > 1 else ())
             raise ImageLoadError(
                 path, f"it is a {len(shape)}D image of shape {shape}; a single 2D image or 3D volume is expected"
@@ -361,7 +365,7 @@ class LoadLandmarkImage(Transform):
             f"{path}: colour image converted to grayscale (luminance); pass keep_color=True to keep the channels",
             stacklevel=3,
         )
-        return np.tensordot(_LUMA, arr.astype(np.float64), axes=(0, 0))[None]
+        return np.tensordot(LUMA, arr.astype(np.float64), axes=(0, 0))[None]
 
     def _affine_2d(self, path: Path, reader: ImageReader, raw: ImageData, affine: np.ndarray | None, world_axes: str):
         """The 3x3 affine of a 2D image, with the user spacing / pixel-unit fallback."""
