@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, bundle_cmd, bundle_parser, require_shared_data, run
+from heatmark.training import latest_checkpoint
+from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandAffined, RandGaussianNoised
-
-from conftest import REPO_ROOT, bundle_cmd, bundle_parser, require_shared_data, run
-from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
 
 BUNDLE = REPO_ROOT / "bundles" / "afids_brain_mr"
 CONFIGS = BUNDLE / "configs"
@@ -56,8 +56,8 @@ def test_training_writes_model_checkpoint_and_validation_report(trained):
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert any(k.endswith(".weight") for k in state), "models/model.pt holds the network's state_dict"
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
-    assert len(ckpts) == 1
-    ckpt = torch.load(ckpts[0], weights_only=True)
+    assert len(ckpts) == 2  # the newest two: resume falls back to the older if the newest is damaged
+    ckpt = torch.load(latest_checkpoint(bundle / "runs" / "checkpoints"), weights_only=True)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "loss", "trainer"}
     # smoke: 4 training deformations, batch 2, 2 epochs
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["epoch_length"] == 2

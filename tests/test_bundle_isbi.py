@@ -14,8 +14,8 @@ import sys
 import mlflow
 import pytest
 import torch
-
 from conftest import REPO_ROOT, bundle_cmd, require_shared_data, run
+from heatmark.training import latest_checkpoint
 
 BUNDLE = REPO_ROOT / "bundles" / "isbi2015_cephalometric"
 
@@ -41,8 +41,8 @@ def test_training_writes_model_checkpoint_and_validation_report(trained):
     state = torch.load(model, weights_only=True)
     assert any(k.endswith(".weight") for k in state), "models/model.pt holds the network's state_dict"
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
-    assert len(ckpts) == 1
-    ckpt = torch.load(ckpts[0], weights_only=True)
+    assert len(ckpts) == 2  # the newest two: resume falls back to the older if the newest is damaged
+    ckpt = torch.load(latest_checkpoint(bundle / "runs" / "checkpoints"), weights_only=True)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "loss", "trainer"}
     # ignite keeps the iteration count and the epoch length (epoch = iteration // epoch_length)
     assert ckpt["trainer"]["iteration"] == 8 and ckpt["trainer"]["epoch_length"] == 4
@@ -93,12 +93,12 @@ def test_mlflow_store_holds_runs_metrics_params_and_artifacts(trained):
 def test_resume_continues_epoch_and_iteration_counts(trained):
     bundle, data = trained["bundle"], trained["data"]
     proc = run(bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data),
-                          "--resume", "true", "--max_epochs", "3"), cwd=trained["work"])
+                          "--resume", "True", "--max_epochs", "3"), cwd=trained["work"])
     log = proc.stdout + proc.stderr
     assert "resumed from" in log and "epoch 2, iteration 8" in log
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
-    assert len(ckpts) == 1
-    state = torch.load(ckpts[0], weights_only=True)["trainer"]
+    assert len(ckpts) == 2  # the newest two are kept
+    state = torch.load(latest_checkpoint(bundle / "runs" / "checkpoints"), weights_only=True)["trainer"]
     assert state["iteration"] == 12 and state["max_epochs"] == 3
 
 
@@ -111,8 +111,8 @@ def test_two_process_ddp_with_gloo(tmp_path):
     proc = run(torchrun + cmd[1:], cwd=tmp_path, timeout=300)
     log = proc.stdout + proc.stderr
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
-    assert len(ckpts) == 1, "only rank 0 saves"
-    trainer = torch.load(ckpts[0], weights_only=True)["trainer"]
+    assert len(ckpts) == 2, "the newest two checkpoints, written by rank 0"
+    trainer = torch.load(latest_checkpoint(bundle / "runs" / "checkpoints"), weights_only=True)["trainer"]
     # 8 training cases over 2 ranks with batch 2: 2 iterations per epoch and rank
     assert trainer["iteration"] == 4 and trainer["epoch_length"] == 2
     # validation errors gathered from both ranks: 2 cases x 19 landmarks
@@ -136,7 +136,7 @@ def test_every_heatmap_network_trains_in_the_bundle(name, tmp_path):
 
 
 def test_cpu_overlay_anneals_the_rate_over_the_time_budget(tmp_path):
-    """cpu.yaml (bench/isbi2015.py's settings): bf16 autocast and TimeCosineLR in place of the
+    """cpu.yaml (bench/isbi2015.py's settings): TimeCosineLR in place of the
     epoch scheduler; the rate in the checkpoint has started down the cosine from its initial value."""
     data = require_shared_data("isbi2015")
     bundle = tmp_path / "isbi2015_cephalometric"
@@ -144,7 +144,7 @@ def test_cpu_overlay_anneals_the_rate_over_the_time_budget(tmp_path):
     proc = run(bundle_cmd(bundle, "training", ["cpu.yaml", "smoke.yaml"], "--dataset_dir", str(data),
                           "--time_limit_minutes", "3"), cwd=tmp_path)
     assert "val_mre" in proc.stdout + proc.stderr
-    ckpt = torch.load(next((bundle / "runs" / "checkpoints").glob("checkpoint*.pt")), weights_only=True)
+    ckpt = torch.load(latest_checkpoint(bundle / "runs" / "checkpoints"), weights_only=True)
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == pytest.approx(1e-3)  # smoke.yaml's rate, the last overlay
     assert 0.5e-3 < group["lr"] < group["initial_lr"]

@@ -3,6 +3,11 @@ postprocessing, error metrics, atomic checkpoints and resume."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +16,7 @@ from monai.data import MetaTensor
 
 from heatmark.evaluation import DecodeLandmarksd, LandmarkErrorMetric
 from heatmark.training import (
+    AtomicCheckpointSaver,
     LandmarkEvaluator,
     LandmarkPrepareBatch,
     LandmarkTrainer,
@@ -20,6 +26,8 @@ from heatmark.training import (
     latest_checkpoint,
 )
 from heatmark.core.fileio import TMP_PREFIX
+from heatmark.training import checkpoint as checkpoint_module
+from heatmark.training.checkpoint import CheckpointError
 from heatmark.core.geometry import voxel_to_world
 from heatmark.core.heatmaps import gaussian_heatmaps
 from heatmark.training.losses import HeatmapLoss
@@ -158,9 +166,10 @@ def test_training_checkpoint_is_atomic_resumes_and_refuses_pickles(tmp_path, mon
     h2 = TrainingCheckpoint(tmp_path, {"network": net2, "optimizer": trainer2.optimizer}, resume=True)
     h2.attach(trainer2)
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit) as stop:  # reported in one line (see the tests below)
         trainer2.run()
     monkeypatch.undo()
+    assert stop.value.code == 1
     assert h2.loaded_from == path
     assert open(path, "rb").read() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
@@ -174,14 +183,22 @@ def test_training_checkpoint_is_atomic_resumes_and_refuses_pickles(tmp_path, mon
     trainer3.run()
     assert h3.loaded_from == path and iterations == [5, 6, 7, 8] and trainer3.state.epoch == 2
 
-    # a checkpoint carrying an arbitrary pickled object is refused
+    # a checkpoint carrying an arbitrary pickled object is refused: the previous one is used, and
+    # with no other checkpoint the run stops
     evil = tmp_path / "checkpoint_evil_99.pt"
     torch.save({"network": net.state_dict(), "payload": Payload()}, evil)
     trainer4, net4 = make_trainer(max_epochs=3)
     h4 = TrainingCheckpoint(tmp_path, {"network": net4}, resume=True)
     h4.attach(trainer4)
-    with pytest.raises(RuntimeError, match="cannot resume"):
-        trainer4.run()
+    trainer4.run()
+    assert h4.loaded_from == str(tmp_path / "checkpoint_checkpoint_8.pt") and trainer4.state.iteration == 12
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    evil.rename(alone / evil.name)
+    engine = Engine(lambda e, b: None)
+    TrainingCheckpoint(alone, {"network": net4}, resume=True).attach(engine)
+    with pytest.raises(RuntimeError, match=r"cannot resume.*Payload"):
+        engine.run([0], max_epochs=3)
 
 
 def test_early_stopping_after_patience_validations():
@@ -236,3 +253,243 @@ def test_time_cosine_lr_anneals_over_the_budget(monkeypatch):
     TimeLimit(minutes=0).attach(t2)
     t2.run(range(3), max_epochs=2)
     assert opt2.param_groups[0]["lr"] == 1e-3 and t2.state.iteration == 6
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability: full or read-only disks, unloadable checkpoints, debris of killed saves
+
+
+def _quiet_stop_records(caplog) -> tuple[list, list]:
+    """(error records, records carrying a traceback or ignite's 'terminating due to exception')."""
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    noisy = [r for r in caplog.records if r.exc_info or "terminating due to exception" in r.getMessage()]
+    return errors, noisy
+
+
+@pytest.mark.parametrize("n_saved,err", [(1, errno.ENOSPC), (2, errno.EROFS)])
+def test_checkpoint_save_oserror_stops_in_one_line_and_keeps_the_previous(tmp_path, monkeypatch, caplog, n_saved, err):
+    trainer, net = make_trainer(max_epochs=3)
+    ckpt_dir = tmp_path / "ckpt"
+    handler = TrainingCheckpoint(ckpt_dir, {"network": net, "optimizer": trainer.optimizer}, n_saved=n_saved)
+    handler.attach(trainer)
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            open(f, "wb").write(b"partial")
+            raise OSError(err, os.strerror(err))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
+        trainer.run()
+    monkeypatch.undo()
+    assert stop.value.code == 1
+    errors, noisy = _quiet_stop_records(caplog)
+    assert not noisy, [r.getMessage() for r in noisy]
+    (line,) = [r.getMessage() for r in errors]
+    first = latest_checkpoint(ckpt_dir)
+    assert first is not None and first.endswith("_4.pt")
+    for part in ("epoch 2", str(ckpt_dir), os.strerror(err), errno.errorcode[err], "intact", first, "--resume"):
+        assert part in line, (part, line)
+    assert "\n" not in line
+    assert torch.load(first, weights_only=True)["trainer"]["iteration"] == 4  # the first checkpoint still loads
+    assert [p.name for p in ckpt_dir.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+
+def test_best_model_save_oserror_keeps_the_previous_model(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def metric(e):
+        e.state.metrics["val_mre"] = 10.0 / e.state.epoch  # better every epoch
+
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path / "models"), save_dict={"model": net}, save_key_metric=True,
+                                  key_metric_name="val_mre", key_metric_filename="model.pt",
+                                  key_metric_negative_sign=True)
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    model = tmp_path / "models" / "model.pt"
+    before = model.read_bytes()
+
+    def full(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*ENOSPC.*intact"):
+        engine.run([0], max_epochs=2)
+    monkeypatch.undo()
+    assert model.read_bytes() == before, "the previous best model is never removed before the new one is written"
+    assert [p.name for p in model.parent.iterdir()] == ["model.pt"]
+
+
+def _two_checkpoints(tmp_path):
+    trainer, net = make_trainer(max_epochs=2)
+    TrainingCheckpoint(tmp_path, {"network": net, "optimizer": trainer.optimizer}).attach(trainer)
+    trainer.run()
+    files = sorted((p for p in tmp_path.glob("checkpoint*.pt")), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    assert [p.name[-5:] for p in files] == ["_4.pt", "_8.pt"], "the last two checkpoints are kept by default"
+    return files
+
+
+def _spoil(path, how: str, net=None) -> str:
+    """Make ``path`` unloadable; returns a word the warning must name."""
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return "truncated or corrupt"
+    if how == "empty":
+        path.write_bytes(b"")
+        return "truncated or corrupt"
+    if how == "not a checkpoint":
+        torch.save({"weights": torch.zeros(2)}, path)
+        return "not a training checkpoint"
+    if how == "pickle":
+        torch.save({"network": net.state_dict(), "payload": Payload()}, path)
+        return "Payload"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "not a checkpoint", "pickle"])
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog, how):
+    older, newest = _two_checkpoints(tmp_path)
+    reason = _spoil(newest, how, torch.nn.Linear(1, 1))
+    trainer, net = make_trainer(max_epochs=3)
+    handler = TrainingCheckpoint(tmp_path, {"network": net, "optimizer": trainer.optimizer}, resume=True)
+    handler.attach(trainer)
+    iterations = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
+    with caplog.at_level(logging.INFO):
+        trainer.run()
+    assert handler.loaded_from == str(older)
+    assert iterations == list(range(5, 13)) and trainer.state.epoch == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(newest) in warnings[0] and reason in warnings[0] and str(older) in warnings[0]
+    assert "\n" not in warnings[0]
+    errors, noisy = _quiet_stop_records(caplog)
+    assert not errors and not noisy
+    assert torch.load(latest_checkpoint(tmp_path), weights_only=True)["trainer"]["iteration"] == 12
+
+
+def test_resume_with_no_loadable_checkpoint_stops_in_one_line(tmp_path, caplog):
+    older, newest = _two_checkpoints(tmp_path)
+    _spoil(newest, "truncated")
+    _spoil(older, "not a checkpoint")
+    trainer, net = make_trainer(max_epochs=3)
+    TrainingCheckpoint(tmp_path, {"network": net, "optimizer": trainer.optimizer}, resume=True).attach(trainer)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
+        trainer.run()
+    assert stop.value.code == 1
+    errors, noisy = _quiet_stop_records(caplog)
+    assert not noisy, [r.getMessage() for r in noisy]
+    (line,) = [r.getMessage() for r in errors]
+    assert "cannot resume" in line and newest.name in line and older.name in line and "\n" not in line
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert trainer.state.iteration == 0, "nothing was trained"
+
+    # a plain ignite engine gets the same one-line error as an exception (a RuntimeError)
+    engine = Engine(lambda e, b: None)
+    TrainingCheckpoint(tmp_path, {"network": net}, resume=True).attach(engine)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        engine.run([0], max_epochs=3)
+
+
+def test_checkpoint_beyond_max_epochs_stops_in_one_line(tmp_path, caplog):
+    _two_checkpoints(tmp_path)
+    trainer, net = make_trainer(max_epochs=1)
+    TrainingCheckpoint(tmp_path, {"network": net, "optimizer": trainer.optimizer}, resume=True).attach(trainer)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
+        trainer.run()
+    assert stop.value.code == 1
+    errors, noisy = _quiet_stop_records(caplog)
+    assert not noisy
+    (line,) = [r.getMessage() for r in errors]
+    assert "beyond max_epochs=1" in line
+
+
+def _debris(folder: Path, outside: Path) -> dict[str, Path]:
+    """Leftovers of killed saves in ``folder`` plus look-alikes that must survive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {"tmp": folder / f"{TMP_PREFIX}abc123.pt", "tmp_json": folder / f"{TMP_PREFIX}x.json",
+            "link": folder / f"{TMP_PREFIX}link.pt", "dir": folder / f"{TMP_PREFIX}dir",
+            "nested": folder / "sub" / f"{TMP_PREFIX}deep.pt", "other": folder / "notes-heatmark-tmp-.txt"}
+    made["tmp"].write_bytes(b"\0" * 100_000)
+    made["tmp_json"].write_text("{")
+    outside.write_bytes(b"precious")
+    made["link"].symlink_to(outside)
+    made["dir"].mkdir()
+    (made["dir"] / "inside.pt").write_bytes(b"x")
+    made["nested"].parent.mkdir()
+    made["nested"].write_bytes(b"x")
+    made["other"].write_text("keep")
+    return made
+
+
+def _check_debris_cleaned(made: dict[str, Path], outside: Path) -> None:
+    assert not made["tmp"].exists() and not made["tmp_json"].exists(), "leftover temporary files removed"
+    assert made["link"].is_symlink() and outside.read_bytes() == b"precious", "symlinks are never followed"
+    assert (made["dir"] / "inside.pt").exists() and made["nested"].exists() and made["other"].exists()
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_leftover_temporary_files_are_removed_when_training_starts(tmp_path, resume):
+    first, net0 = make_trainer(max_epochs=2)
+    TrainingCheckpoint(tmp_path / "ckpt", {"network": net0, "optimizer": first.optimizer}).attach(first)
+    first.run()
+    made = _debris(tmp_path / "ckpt", tmp_path / "outside.pt")
+    trainer, net = make_trainer(max_epochs=3)
+    seen = {}
+    handler = TrainingCheckpoint(tmp_path / "ckpt", {"network": net, "optimizer": trainer.optimizer}, resume=resume)
+    handler.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.setdefault("left", made["tmp"].exists()))
+    trainer.run()
+    assert seen == {"left": False}, "removed at the start, before the first iteration"
+    _check_debris_cleaned(made, tmp_path / "outside.pt")
+    # a rank that does not save (distributed runs) leaves the folder alone
+    made = _debris(tmp_path / "ckpt2", tmp_path / "outside2.pt")
+    trainer2, net2 = make_trainer(max_epochs=1)
+    TrainingCheckpoint(tmp_path / "ckpt2", {"network": net2}, save=False).attach(trainer2)
+    trainer2.run()
+    assert made["tmp"].exists()
+
+
+def test_leftover_temporary_files_of_the_best_model_are_removed(tmp_path):
+    made = _debris(tmp_path / "models", tmp_path / "outside.pt")
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(save_dir=str(tmp_path / "models"), save_dict={"model": torch.nn.Linear(1, 1)},
+                          save_key_metric=True, key_metric_name="m", key_metric_filename="model.pt").attach(engine)
+    _check_debris_cleaned(made, tmp_path / "outside.pt")
+
+
+def test_best_model_save_oserror_during_training_stops_in_one_line(tmp_path, monkeypatch, caplog):
+    from monai.handlers import ValidationHandler
+
+    trainer, net = make_trainer(max_epochs=2)
+    models = tmp_path / "models"
+    evaluator = LandmarkEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches(1), network=net, prepare_batch=LandmarkPrepareBatch(),
+        postprocessing=DecodeLandmarksd(), key_val_metric={"val_mre": LandmarkErrorMetric("mean")}, decollate=False,
+        val_handlers=[AtomicCheckpointSaver(save_dir=str(models), save_dict={"model": net}, save_key_metric=True,
+                                            key_metric_filename="model.pt", key_metric_negative_sign=True)])
+    TrainingCheckpoint(tmp_path / "ckpt", {"network": net}).attach(trainer)
+    ValidationHandler(interval=1, validator=evaluator, epoch_level=True).attach(trainer)
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if Path(f).parent == models:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
+        trainer.run()
+    assert stop.value.code == 1
+    errors, noisy = _quiet_stop_records(caplog)
+    assert not noisy, [r.getMessage() for r in noisy]
+    (line,) = [r.getMessage() for r in errors]
+    assert str(models / "model.pt") in line and "No space left on device" in line
+    assert "the last complete checkpoint is" in line and line.endswith("_4.pt; rerun with --resume True to continue")

@@ -87,7 +87,7 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     log = (tmp_path / "first.log").read_text()
     assert code == 130, log[-3000:]
     msg = re.search(r"training interrupted at epoch (\d+) iteration (\d+); the last complete checkpoint is (\S+); "
-                    r"rerun with --resume true to continue", log)
+                    r"rerun with --resume True to continue", log)
     assert msg, log[-3000:]
     assert Path(msg.group(3)) == Path(latest_checkpoint(ckpt_dir))
     first_iter = _check_checkpoints(ckpt_dir)
@@ -97,7 +97,7 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     assert first_run and run_info["iteration"] == first_iter
 
     # 2. resumed, then SIGKILL at a random moment after its next checkpoint
-    resume = base + ["--resume", "true"]
+    resume = base + ["--resume", "True"]  # MONAI's command line: True/False (the text 'true' is refused)
     proc = _start(resume, tmp_path, tmp_path / "second.log")
     _wait_for_checkpoint(proc, ckpt_dir, first_iter)
     time.sleep(rng.uniform(0.0, 1.5))
@@ -141,6 +141,62 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     assert runs[final_run].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(final_run, "train_loss")}
     assert {second_iter + 1, EPOCHS * ITERS_PER_EPOCH} <= steps
+
+
+def _step(path: Path | str) -> int:
+    return int(re.findall(r"\d+", Path(path).stem)[-1])
+
+
+def test_resume_falls_back_from_a_truncated_checkpoint_cleans_debris_and_stops_in_one_line(tmp_path):
+    """The newest checkpoint truncated: the resumed run says so in one warning and continues from the
+    previous one, removing the temporary files of saves killed midway; no checkpoint loads: one line,
+    exit status 1, no traceback."""
+    data = require_shared_data("isbi2015")
+    bundle = tmp_path / "isbi2015_cephalometric"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    ckpt_dir, models = bundle / "runs" / "checkpoints", bundle / "models"
+    base = bundle_cmd(bundle, "training", ["smoke.yaml"], "--dataset_dir", str(data))
+    run(base + ["--max_epochs", "2"], cwd=tmp_path)
+    older, newest = sorted(ckpt_dir.glob("checkpoint*.pt"), key=_step)
+    assert (_step(older), _step(newest)) == (ITERS_PER_EPOCH, 2 * ITERS_PER_EPOCH), "the last two are kept"
+    whole = newest.read_bytes()
+    newest.write_bytes(whole[: len(whole) // 2])
+    # debris of saves killed midway (with a real model a partial multi-MB file per kill), beside
+    # look-alikes that must stay: a symlink (never followed) and a file in a subfolder
+    debris = [ckpt_dir / f"{TMP_PREFIX}k1lled.pt", ckpt_dir / f"{TMP_PREFIX}r2n.json", models / f"{TMP_PREFIX}b3st.pt"]
+    for f in debris:
+        f.write_bytes(b"\0" * 2_000_000)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"precious")
+    link = models / f"{TMP_PREFIX}link.pt"
+    link.symlink_to(outside)
+    nested = ckpt_dir / "keep" / f"{TMP_PREFIX}nested.pt"
+    nested.parent.mkdir()
+    nested.write_bytes(b"x")
+
+    proc = run(base + ["--max_epochs", "3", "--resume", "True"], cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert log.count("Traceback") == 0, log[-3000:]
+    warned = [line for line in log.splitlines() if newest.name in line and "WARNING" in line]
+    assert len(warned) == 1, log[-3000:]
+    assert "truncated or corrupt" in warned[0] and str(older) in warned[0]
+    resumed = re.search(r"resumed from (\S+) at epoch (\d+), iteration (\d+)", log)
+    assert resumed and Path(resumed.group(1)) == older and int(resumed.group(3)) == ITERS_PER_EPOCH, log[-3000:]
+    assert not [f for f in debris if f.exists()], "temporary files of killed saves are removed"
+    assert link.is_symlink() and outside.read_bytes() == b"precious" and nested.exists()
+    assert _check_checkpoints(ckpt_dir) == 3 * ITERS_PER_EPOCH
+    assert len(list(ckpt_dir.glob("checkpoint*.pt"))) == 2
+
+    # no checkpoint loads: one clear line, exit status 1, no traceback
+    for f in ckpt_dir.glob("checkpoint*.pt"):
+        f.write_bytes(f.read_bytes()[:1000])
+    proc = subprocess.run(base + ["--max_epochs", "4", "--resume", "True"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert log.count("Traceback") == 0, log[-3000:]
+    errors = [line for line in log.splitlines() if "ERROR" in line or "cannot resume" in line]
+    assert len(errors) == 1 and "cannot resume" in errors[0] and str(ckpt_dir) in errors[0], log[-3000:]
 
 
 def _results(folder: Path) -> list[Path]:

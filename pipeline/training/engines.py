@@ -8,6 +8,10 @@
   and counted, and training stops with a clear error after ``max_nonfinite`` in a row.
 - :class:`LandmarkEvaluator` is ``SupervisedEvaluator`` with the same autocast rule.
 
+Ctrl-C and checkpoint failures (:class:`~heatmark.training.checkpoint.CheckpointError`: a full or
+read-only disk, no checkpoint that loads on resume) stop training with one log line and exit status
+130 or 1, without the tracebacks the engines' handlers would otherwise log.
+
 What an evaluator computes from the network output (decoding, metrics, evaluation files) lives in
 :mod:`heatmark.evaluation.validation`; checkpoints in :mod:`heatmark.training.checkpoint`.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -28,7 +33,7 @@ from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.engines.workflow import Workflow
 from monai.utils import CommonKeys as Keys
 
-from heatmark.training.checkpoint import latest_checkpoint
+from heatmark.training.checkpoint import RESUME_HINT, CheckpointError, latest_checkpoint
 
 __all__ = [
     "LandmarkPrepareBatch",
@@ -87,13 +92,31 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all())
 
 
+#: stops that :meth:`LandmarkTrainer.run` reports in one line
+_ONE_LINE_STOPS = (KeyboardInterrupt, CheckpointError)
+
+
 def _handle_exception(engine: Engine, e: BaseException) -> None:
-    """ignite's exception handling, except that Ctrl-C skips the ``EXCEPTION_RAISED`` handlers
-    (MONAI's ``StatsHandler`` would log it with a full stack trace): :meth:`LandmarkTrainer.run`
-    reports it in one line."""
-    if isinstance(e, KeyboardInterrupt):
+    """ignite's exception handling, except that Ctrl-C and checkpoint failures skip the
+    ``EXCEPTION_RAISED`` handlers (MONAI's ``StatsHandler`` would log them with a full stack trace):
+    :meth:`LandmarkTrainer.run` reports them in one line."""
+    if isinstance(e, _ONE_LINE_STOPS):
         raise e
     Engine._handle_exception(engine, e)
+
+
+class _QuietOneLineStops(logging.Filter):
+    """Drops ignite's ``... is terminating due to exception: ...`` line for the stops that
+    :meth:`LandmarkTrainer.run` reports itself (ignite logs it while handling the exception, so the
+    exception is the one being handled)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "terminating due to exception" not in str(record.msg):
+            return True
+        return not isinstance(sys.exc_info()[1], _ONE_LINE_STOPS)
+
+
+_QUIET = _QuietOneLineStops()
 
 
 class LandmarkTrainer(SupervisedTrainer):
@@ -125,6 +148,7 @@ class LandmarkTrainer(SupervisedTrainer):
         self.max_nonfinite = int(max_nonfinite)
         self.state.nonfinite_steps = 0
         self.state.nonfinite_in_a_row = 0
+        self.logger.addFilter(_QUIET)  # one filter object: added once per logger
 
     def run(self) -> None:  # type: ignore[override]
         """Run training; like MONAI's, but the gradient scaler exists only for fp16 on CUDA (MONAI
@@ -132,7 +156,11 @@ class LandmarkTrainer(SupervisedTrainer):
 
         Ctrl-C (``KeyboardInterrupt``) stops training with a message naming the last complete
         checkpoint (when a :class:`TrainingCheckpoint` is attached) and how to continue, and exits
-        with status 130 (``SystemExit(130)``, the shell's convention for SIGINT)."""
+        with status 130 (``SystemExit(130)``, the shell's convention for SIGINT).
+
+        A :class:`~heatmark.training.checkpoint.CheckpointError` (a checkpoint that cannot be saved,
+        no checkpoint that loads on resume) is logged as one error line and exits with status 1
+        (``SystemExit(1)``), without a traceback."""
         self.scaler = torch.amp.GradScaler("cuda") if self._use_scaler else None
         # Ctrl-C is also remembered: a KeyboardInterrupt raised where Python ignores exceptions
         # (a finaliser, a callback) would otherwise be lost; the next iteration raises it again
@@ -149,17 +177,20 @@ class LandmarkTrainer(SupervisedTrainer):
         try:
             Workflow.run(self)
         except KeyboardInterrupt:
-            ckpt_dir = getattr(self.state, "checkpoint_dir", None)
-            last = latest_checkpoint(ckpt_dir, getattr(self.state, "checkpoint_prefix", "checkpoint")) \
-                if ckpt_dir else None
-            where = f"the last complete checkpoint is {last}; rerun with --resume true to continue" if last \
-                else "no checkpoint was saved yet"
             logger.error("training interrupted at epoch %s iteration %s; %s", self.state.epoch, self.state.iteration,
-                         where)
+                         self._where_to_resume())
             raise SystemExit(130) from None
+        except CheckpointError as e:
+            logger.error("%s%s", e, f"; {self._where_to_resume()}" if e.resume_hint else "")
+            raise SystemExit(1) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+
+    def _where_to_resume(self) -> str:
+        ckpt_dir = getattr(self.state, "checkpoint_dir", None)
+        last = latest_checkpoint(ckpt_dir, getattr(self.state, "checkpoint_prefix", "checkpoint")) if ckpt_dir else None
+        return f"the last complete checkpoint is {last}; {RESUME_HINT}" if last else "no checkpoint was saved yet"
 
     def _raise_if_interrupted(self, engine: Engine) -> None:
         if self._sigint:
@@ -231,6 +262,7 @@ class LandmarkEvaluator(SupervisedEvaluator):
         if kwargs.get("amp"):
             amp_kwargs["dtype"] = _amp_dtype(amp_kwargs, device)
         super().__init__(*args, amp_kwargs=amp_kwargs, **kwargs)
+        self.logger.addFilter(_QUIET)
 
     _handle_exception = _handle_exception
 
