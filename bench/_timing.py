@@ -12,15 +12,18 @@ from pathlib import Path
 
 import torch
 
+from heatmark.training.precision import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 ISBI_DIR = REPO.parent / "shared" / "data" / "isbi2015"
 
 
 def header(title: str) -> str:
-    """``# title, CPU: ..., N torch threads, torch X`` (plus the GPU when there is one)."""
+    """``# title, CPU: <model>, <torch capability>, native bf16 or not, N torch threads, torch X``
+    (plus the GPU when there is one): a timing means little without the machine it came from."""
     gpu = f", GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"# {title}, CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}{gpu}")
+    return (f"# {title}, CPU: {cpu_info().describe()} ({platform.machine()}), {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}{gpu}")
 
 
 def require_isbi() -> Path:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_DIR", "WORKFLOWS", "BundleError", "bundle_command", "bundle_config_files", "config_file_arg", "run_bundle",
+__all__ = ["CONFIG_DIR", "CONFIG_VALUES", "WORKFLOWS", "BundleError", "check_config", "bundle_command", "bundle_config_files", "config_file_arg", "run_bundle",
            "check_bundle"]
 
 #: Config files shipped with heatmark (base.yaml, evaluate.yaml, inference.yaml, multi_gpu_train.yaml, logging.conf).
@@ -91,6 +91,76 @@ def bundle_config_files(bundle: str | os.PathLike, workflow: str = "training",
 def config_file_arg(files: Sequence[str | os.PathLike]) -> str:
     """The ``--config_file`` value for ``python -m monai.bundle run``: a Python list literal."""
     return repr([str(f) for f in files])
+
+
+#: heatmark's own top-level config keys and what they must hold: "bool", "int>=N", "float>N" /
+#: "float>=N", "number-or-list>0", or a tuple of allowed values (an enumeration)
+CONFIG_VALUES: dict[str, Any] = {
+    "amp": (True, False, "auto"),
+    "amp_dtype": ("auto", "float16", "bfloat16"),
+    "resume": "bool",
+    "seed": "int>=0",
+    "num_workers": "int>=0",
+    "batch_size": "int>=1",
+    "max_epochs": "int>=1",
+    "val_interval": "int>=1",
+    "early_stop_patience": "int>=0",
+    "time_limit_minutes": "float>=0",
+    "learning_rate": "float>0",
+    "sigma_voxels": "float>0",
+    "spacing_mm": "number-or-list>0",
+    "train_cache_rate": "float>=0",
+    "val_overlays": "int>=0",
+    "eval_overlays": "int>=0",
+    "decode_method": "decode-method",
+}
+
+
+def _value_problem(key: str, value: Any, rule: Any) -> str | None:
+    """Why ``value`` breaks ``rule`` (None when it does not). A string where a boolean belongs is
+    always refused: ``--resume false`` on MONAI's command line arrives as the text 'false', which
+    Python would take as true."""
+    if isinstance(rule, tuple):
+        ok = any(value is r if isinstance(r, bool) else value == r for r in rule)
+        return None if ok else f"expected one of {', '.join(str(r).lower() for r in rule)}"
+    if rule == "bool":
+        return None if isinstance(value, bool) else "expected true or false"
+    if rule == "decode-method":
+        from heatmark.evaluation.decoding import METHODS  # lazy: `heatmark configs`/--help need no torch
+
+        return None if value in METHODS else f"expected one of {', '.join(METHODS)}"
+    kind, _, bound = rule.partition(">")
+    strict = not bound.startswith("=")
+    low = float(bound.lstrip("="))
+    values = value if kind == "number-or-list" and isinstance(value, (list, tuple)) and value else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
+            return f"expected {'an integer' if kind == 'int' else 'a number'}"
+        if v < low or (strict and v == low):
+            return f"expected a value {'>' if strict else '>='} {bound.lstrip('=')}"
+    return None
+
+
+def check_config(**values: Any) -> bool:
+    """Check heatmark's config keys (:data:`CONFIG_VALUES`) as resolved by MONAI's parser; the base
+    config calls it first in ``initialize``. Returns True, or stops the run with one line per bad
+    key (``SystemExit``: no traceback).
+
+    Example problem: ``resume: the text 'false', expected true or false; on MONAI's command line
+    write --resume False (a YAML file: resume: false)``."""
+    problems = []
+    for key, value in values.items():
+        problem = _value_problem(key, value, CONFIG_VALUES[key])
+        if problem is None:
+            continue
+        text = isinstance(value, str)
+        hint = ("; on MONAI's command line write booleans as True/False (YAML: true/false)"
+                if text and value.strip().lower() in ("true", "false") else "")
+        shown = f"the text {value!r}" if text else repr(value)
+        problems.append(f"config key {key!r}: {shown}, {problem}{hint}")
+    if problems:
+        raise SystemExit("heatmark: bad bundle config values:\n  " + "\n  ".join(problems))
+    return True
 
 
 def _logging_file(root: Path) -> Path:

@@ -10,7 +10,7 @@ import time
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["EarlyStopping", "TimeLimit", "TimeCosineLR"]
+__all__ = ["EarlyStopping", "FinalValidation", "TimeLimit", "TimeCosineLR"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,34 @@ class EarlyStopping:
             engine.terminate()
 
 
+def _validated_epoch(validator: Engine) -> int:
+    """The trainer epoch the validator last ran for (MONAI's evaluators run with the trainer's epoch
+    as their own), 0 when it never ran."""
+    state = getattr(validator, "state", None)
+    return int(getattr(state, "epoch", 0) or 0) if getattr(state, "iteration", 0) else 0
+
+
+class FinalValidation:
+    """Validate once more when training ends (max epochs, time limit, early stop) and the last
+    epoch was not validated, so the final, lowest-learning-rate weights are evaluated and can become
+    the best model (the validator's own checkpoint handler keeps the best). Attach to the trainer
+    after the ``ValidationHandler``."""
+
+    def __init__(self, validator: Engine):
+        self.validator = validator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = int(engine.state.epoch)
+        if epoch < 1 or _validated_epoch(self.validator) >= epoch:
+            return
+        logger.info("training ended at epoch %d, iteration %d without validating it: final validation",
+                    epoch, engine.state.iteration)
+        self.validator.run(epoch)
+
+
 class _WallClock:
     """A handler driven by the wall time since the trainer started: ``minutes <= 0`` disables it;
     otherwise the clock starts at ``STARTED`` and ``__call__`` runs at ``event``."""
@@ -68,12 +96,37 @@ class _WallClock:
 class TimeLimit(_WallClock):
     """Stop training cleanly after ``minutes`` of wall time (checked after every iteration; the
     epoch in progress is cut short, checkpoint handlers still run at the end). ``minutes <= 0``
-    disables it. Used by ``heatmark demo`` to bound training time."""
+    disables it. Used by ``heatmark demo`` and the CPU overlays to bound training time.
+
+    With ``validator`` (the one :class:`FinalValidation` runs at the end), validation is part of the
+    budget: training stops early enough to leave the duration of the latest validation for the final
+    one, so the run as a whole ends within ``minutes``.
+    """
+
+    def __init__(self, minutes: float = 0.0, validator: Engine | None = None):
+        super().__init__(minutes)
+        self.validator = validator
+        self.reserve_s = 0.0
+        self._val_start: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.minutes > 0 and self.validator is not None:
+            self.validator.add_event_handler(Events.STARTED, self._validation_started)
+            self.validator.add_event_handler(Events.COMPLETED, self._validation_completed)
+
+    def _validation_started(self, validator: Engine) -> None:
+        self._val_start = time.monotonic()
+
+    def _validation_completed(self, validator: Engine) -> None:
+        if self._val_start is not None:
+            self.reserve_s = time.monotonic() - self._val_start
 
     def __call__(self, engine: Engine) -> None:
-        if self._start is not None and time.monotonic() - self._start >= 60.0 * self.minutes:
-            logger.info("time limit of %.1f min reached at epoch %d, iteration %d: stopping",
-                        self.minutes, engine.state.epoch, engine.state.iteration)
+        if self._start is not None and time.monotonic() - self._start + self.reserve_s >= 60.0 * self.minutes:
+            logger.info("time limit of %.1f min reached at epoch %d, iteration %d%s: stopping",
+                        self.minutes, engine.state.epoch, engine.state.iteration,
+                        f" (keeping {self.reserve_s:.0f} s for the final validation)" if self.reserve_s else "")
             engine.terminate()
 
 
