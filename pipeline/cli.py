@@ -163,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"heatmark {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as e:  # disk full, read-only folder, permissions: one line, no traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"heatmark {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"heatmark {args.command}: interrupted", file=sys.stderr)
         return 130

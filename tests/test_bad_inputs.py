@@ -15,8 +15,10 @@ loader and ``check_datalist`` both ask ``os.access`` before opening). As a norma
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -24,10 +26,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.data import MetaTensor
 
+import heatmark.evaluation.evaluate as evaluate_module
 from heatmark import predict as P
 from heatmark.cli import main as cli_main
 from heatmark.data import DataCheckError, check_datalist, check_landmarks_in_image
+from heatmark.evaluation import DecodeLandmarksd
 from heatmark.landmarks import LandmarkFileError, read_landmarks
 from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage
 
@@ -504,3 +510,150 @@ def test_datalist_image_check_reports_unloadable_images(tmp_path):
     with pytest.raises(DataCheckError) as e:
         check_datalist([{"case": "p", "image": str(png), "landmarks": [[1.0, 2.0]]}], spatial_dims=2, check_images=True)
     assert e.value.problems[0].startswith(f"case 'p': cannot load image '{png}': the image has no pixel spacing")
+
+
+# ------------------------------------------------------------------------------------ implausible images (issue 15)
+
+# 2D stand-ins of what a red-team pass fed a bundle: case name -> (array, spacing mm, reason words)
+_ONE_VOXEL = np.zeros((80, 100), np.float32)
+_ONE_VOXEL[40, 50] = 1000.0
+DEGENERATE = {
+    "tiny": (blobs((3, 3), 2), 2.4, "3 x 3 voxels; at least 8 per axis (predict_min_voxels)"),
+    "one_line": (blobs((1, 100), 3)[:1], 2.4, "1 x 100 voxels; at least 8 per axis"),
+    "one_voxel": (_ONE_VOXEL, 2.4, "only 2 distinct intensity values; at least 16 (predict_min_distinct_values)"),
+    "small_mm": (blobs((80, 100), 4), 0.1, "8 x 10 mm; at least 24 x 30 mm (predict_min_extent_mm)"),
+}
+
+
+def test_predict_refuses_implausible_images(tiny_bundle, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nifti(inputs / "good.nii.gz", blobs((80, 100), 1), np.diag([2.4, 2.4, 1.0, 1.0]))
+    for case, (arr, spacing, _) in DEGENERATE.items():
+        nifti(inputs / f"{case}.nii.gz", arr, np.diag([spacing, spacing, 1.0, 1.0]))
+    out = tmp_path / "out"
+    code = P.main([str(tiny_bundle), str(inputs), str(out), "--config", "tiny.yaml", "--num-workers", "0", "--quiet"])
+    assert code == 1, capsys.readouterr()
+    assert {r["case"] for r in read_csv(out / "landmarks.csv")} == {"good"}
+    rows = {r["case"]: r["error"] for r in read_csv(out / "errors.csv")}
+    assert sorted(rows) == sorted(DEGENERATE)
+    for case, (_, _, expected) in DEGENERATE.items():
+        assert expected in rows[case], f"{case}: {rows[case]!r}"
+        assert "\n" not in rows[case]
+
+
+def test_implausibility_limits_come_from_the_bundle(tiny_bundle, tmp_path, capsys):
+    """Defaults: 8 voxels and 1/8 of the network input's field of view (input_size x spacing_mm,
+    64 x 80 x 3 mm here) per axis, 16 distinct values, landmarks at most 1/8 of the shortest axis
+    of that field of view (24 mm) outside the image; a bundle or --config overlay changes them."""
+    checks = P.load_bundle(P.PredictOptions(tiny_bundle, tmp_path, tmp_path / "o", configs=["tiny.yaml"])).checks
+    assert checks.min_voxels == 8 and checks.min_distinct_values == 16
+    assert checks.min_extent_mm == pytest.approx((24.0, 30.0)) and checks.max_outside_mm == pytest.approx(24.0)
+    (tiny_bundle / "configs" / "strict.yaml").write_text("predict_min_voxels: 200\npredict_min_extent_mm: 5\n")
+    checks = P.load_bundle(P.PredictOptions(tiny_bundle, tmp_path, tmp_path / "o",
+                                            configs=["tiny.yaml", "strict.yaml"])).checks
+    assert checks.min_voxels == 200 and checks.min_extent_mm == pytest.approx((5.0, 5.0))
+    image = nifti(tmp_path / "good.nii.gz", blobs((80, 100), 1), np.diag([2.4, 2.4, 1.0, 1.0]))
+    out = tmp_path / "out"
+    code = P.main([str(tiny_bundle), str(image), str(out), "--config", "tiny.yaml", "--config", "strict.yaml",
+                   "--num-workers", "0", "--quiet"])
+    assert code == 1
+    (row,) = read_csv(out / "errors.csv")
+    assert "80 x 100 voxels; at least 200 per axis (predict_min_voxels)" in row["error"]
+    (tiny_bundle / "configs" / "bad.yaml").write_text("predict_min_distinct_values: -3\n")
+    capsys.readouterr()
+    code = P.main([str(tiny_bundle), str(image), str(tmp_path / "o2"), "--config", "tiny.yaml", "--config",
+                   "bad.yaml", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "predict_min_distinct_values" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["3x3x3", "one_voxel", "one_slice", "thin_mm", "good"])
+def test_implausibility_checks_in_3d(kind):
+    """The checks of the shipped defaults on the 3D cases of the red-team pass (AFIDs-like grid:
+    96 x 112 x 96 voxels of 2 mm -> at least 24 x 28 x 24 mm)."""
+    checks = P.ImageChecks(min_voxels=8, min_extent_mm=(24.0, 28.0, 24.0), min_distinct_values=16)
+    one = np.zeros((40, 40, 40), np.float32)
+    one[20, 20, 20] = 1.0
+    arrays = {"3x3x3": (blobs((3, 3, 3)), 1.0, "3 x 3 x 3 voxels"), "one_voxel": (one, 1.0, "only 2 distinct"),
+              "one_slice": (blobs((64, 64, 1)), 1.0, "64 x 64 x 1 voxels"),
+              "thin_mm": (blobs((40, 40, 40)), 0.5, "20 x 20 x 20 mm; at least 24 x 28 x 24 mm"),
+              "good": (blobs((40, 40, 40)), 1.0, None)}
+    arr, spacing, expected = arrays[kind]
+    image = MetaTensor(torch.as_tensor(arr)[None], affine=torch.diag(torch.tensor([spacing] * 3 + [1.0])))
+    problem = checks.problem(image)
+    assert (problem is None) if expected is None else (expected in problem), problem
+
+
+def test_landmarks_predicted_outside_the_image_are_set_missing_and_listed(tiny_bundle, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A landmark predicted farther than predict_max_outside_mm (24 mm here) outside the image's field
+    of view is missing (empty cells, NaN) in every output, and listed in warnings.csv and on stderr."""
+    real = DecodeLandmarksd.__call__
+
+    def far(self, d):
+        out = real(self, d)
+        out["pred_world"] = out["pred_world"].clone()
+        out["pred_world"][:, 2, 0] += 500.0  # landmark 3, 500 mm to the right
+        return out
+
+    monkeypatch.setattr(DecodeLandmarksd, "__call__", far)
+    image = nifti(tmp_path / "good.nii.gz", blobs((80, 100), 1), np.diag([2.4, 2.4, 1.0, 1.0]))
+    out = tmp_path / "out"
+    argv = [str(tiny_bundle), str(image), str(out), "--config", "tiny.yaml", "--num-workers", "0", "--quiet",
+            "--format", "csv,mrk.json,json"]
+    capsys.readouterr()
+    assert P.main(argv) == 0
+    captured = capsys.readouterr()
+    rows = read_csv(out / "landmarks.csv")
+    assert [(r["x_mm"], r["y_mm"]) for r in rows if r["landmark"] == "3"] == [("", "")]
+    assert all(r["x_mm"] != "" for r in rows if r["landmark"] != "3")
+    assert np.isnan(read_landmarks(out / "good.mrk.json", spatial_dims=2).coords[2]).all()
+    assert np.isnan(read_landmarks(out / "good.json").coords[2]).all()
+    (warning,) = read_csv(out / "warnings.csv")
+    assert warning["case"] == "good" and warning["path"] == str(image)
+    assert re.fullmatch(r"landmark 3 \([^)]+\) predicted \d+ mm outside the image; set missing", warning["warning"])
+    assert "good" in captured.err and "outside the image" in captured.err
+    assert "1 landmark set missing" in captured.out
+    assert read_csv(out / "errors.csv") == []
+    monkeypatch.setattr(DecodeLandmarksd, "__call__", real)
+    assert P.main(argv) == 0  # done before: skipped, and its warning stays listed
+    assert read_csv(out / "warnings.csv") == [warning]
+
+
+# ------------------------------------------------------------------------------------ OS errors (issue 15)
+
+
+def test_an_os_error_reading_an_input_is_a_case_error(tiny_bundle, tmp_path, monkeypatch):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nifti(inputs / "good.nii.gz", blobs((80, 100), 1), np.diag([2.4, 2.4, 1.0, 1.0]))
+    bad = nifti(inputs / "bad_disk.nii.gz", blobs((80, 100), 2), np.diag([2.4, 2.4, 1.0, 1.0]))
+    real = nib.load
+
+    def load(path, *args, **kwargs):
+        if Path(path).name == bad.name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", load)
+    out = tmp_path / "out"
+    code = P.main([str(tiny_bundle), str(inputs), str(out), "--config", "tiny.yaml", "--num-workers", "0", "--quiet"])
+    assert code == 1
+    (row,) = read_csv(out / "errors.csv")
+    assert row["case"] == "bad_disk" and "Input/output error" in row["error"], row
+    assert {r["case"] for r in read_csv(out / "landmarks.csv")} == {"good"}
+
+
+def test_cli_reports_an_os_error_in_one_line(tmp_path, monkeypatch, capsys):
+    """`heatmark evaluate` on a full disk: one line and exit status 1, no traceback."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "ev" / "errors.csv"))
+
+    monkeypatch.setattr(evaluate_module, "evaluate_tables", full)
+    good = tmp_path / "good.csv"
+    good.write_text(GOOD_TRUTH)
+    code = cli_main(["evaluate", str(good), str(good), "--output", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("heatmark evaluate: error: ") and "No space left on device" in err

@@ -142,3 +142,23 @@ def test_time_limit_keeps_time_for_the_final_validation(monkeypatch):
     assert clock[0] <= 60.0, clock[0]
     assert v.epochs[-1] == trainer.state.epoch  # the last weights were validated
     assert len(v.epochs) >= 2
+
+
+def test_ctrl_c_validates_the_latest_weights_before_stopping():
+    """Ctrl-C in the middle of epoch 2: the trainer still validates epoch 2 (then exits with 130)."""
+    from test_engines import make_trainer
+
+    trainer, _ = make_trainer(max_epochs=5)
+    v = _Validator()
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: v.run(e.state.epoch))
+    FinalValidation(v).attach(trainer)
+
+    def interrupt(engine):
+        if engine.state.iteration == 6:  # 4 iterations per epoch: the middle of epoch 2
+            raise KeyboardInterrupt
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, interrupt)
+    with pytest.raises(SystemExit) as e:
+        trainer.run()
+    assert e.value.code == 130
+    assert v.epochs == [1, 2]

@@ -5,10 +5,19 @@ case names, input discovery (the image reader registry's suffixes), the bundle's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import io
+import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +28,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import ENV, REPO_ROOT
 from heatmark import predict as P
 from heatmark.bundle import bundle_config_files
 from heatmark.evaluation import DecodeLandmarksd
@@ -28,6 +37,7 @@ from heatmark.core.fileio import TMP_PREFIX
 from heatmark.core.geometry import output_grid_affine
 from heatmark.landmarks import CSV_FRAME_COMMENT, read_landmark_table, read_landmarks
 from heatmark.predict import runner
+from heatmark.predict.store import CaseStore
 from heatmark.transforms.io import DICOM_SUFFIXES
 from heatmark.transforms.io import IMAGE_SUFFIXES as REGISTRY_SUFFIXES
 
@@ -493,3 +503,267 @@ def test_model_file_with_pickled_objects_is_refused(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "cannot load the model" in err and "evil.pt" in err
     assert "Payload" in err or "weights_only" in err.lower() or "unsupported global" in err.lower()
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability, round 2 (issue 15): output names, symlinks, write errors, earlier outputs, workers
+
+ALL_FORMATS = ("csv", "mrk.json", "fcsv", "json")
+
+
+def test_output_file_names_cannot_collide():
+    """Every case file name comes from one function; case names hold no dot, so the text after the
+    first dot tells the kind and the text before it the case: no two (case, kind) share a file."""
+    tricky = ["a.nii.gz", "a.mrk.nii.gz", "a.fcsv.nii.gz", "a.json.nii", "a_heatmaps.nii.gz", "a_overlay.png",
+              "a_heatmaps.mrk.nii.gz", "A.MRK.nii.gz", "x.y.z.mha", "landmarks.nii.gz", "errors.png", "..b.png"]
+    cases = P.assign_case_names([Path("/d") / n for n in tricky])
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", c) for c in cases), cases
+    opts = P.PredictOptions("b", "i", "o", formats=ALL_FORMATS, save_heatmaps=True, overlays=True)
+    owner: dict[str, tuple[str, str]] = {}
+    for case in cases:
+        names = P.case_file_names(case, opts)
+        assert len(names) == len(ALL_FORMATS) - 1 + 2
+        for kind, name in zip(P.CASE_FILE_KINDS, [P.case_file_name(case, k) for k in P.CASE_FILE_KINDS]):
+            assert name.casefold() not in owner, f"{name}: {owner.get(name.casefold())} and {(case, kind)}"
+            owner[name.casefold()] = (case, kind)
+            assert P.parse_case_file_name(name) == (case, kind)
+    assert not {"landmarks.csv", "measurements.csv", "errors.csv", "warnings.csv"} & set(owner)
+    with pytest.raises(ValueError):
+        P.case_file_name("a.mrk", "json")  # not a case name: it could collide
+
+
+def test_cases_a_and_a_mrk_keep_all_their_files(data, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(data["inputs"] / "case01.nii.gz", inputs / "a.nii.gz")
+    shutil.copy(data["inputs"] / "case02.nii.gz", inputs / "a.mrk.nii.gz")
+    out = tmp_path / "out"
+    argv = (data["bundle"], inputs, out, "--config", "tiny.yaml", "--format", "csv,mrk.json,json", "--num-workers", 0,
+            "--quiet")
+    assert run(*argv) == 0
+    table = read_landmark_table(out / "landmarks.csv")
+    assert len(table) == 2
+    states = {p.stem: json.loads(p.read_text()) for p in (out / P.STATE_DIR / "cases").glob("*.json")}
+    assert sorted(states) == sorted(table)
+    files = [f for s in states.values() for f in s["files"]]
+    assert len(files) == len(set(files)) == 4, files
+    for case, s in states.items():
+        for f in s["files"]:
+            np.testing.assert_allclose(read_landmarks(out / f, spatial_dims=2).coords, table[case].coords, atol=1e-6)
+    assert not np.allclose(table["a"].coords, table[next(c for c in table if c != "a")].coords)
+    capsys.readouterr()
+    assert run(*argv) == 0
+    assert "0 processed, 2 skipped" in capsys.readouterr().out
+
+
+def test_case_files_are_removed_by_exact_name_never_by_prefix(tmp_path):
+    store = CaseStore(tmp_path, ["A"], 2)
+    for name in ("a.mrk.json", "ab.mrk.json", "a_b.json"):
+        (tmp_path / name).write_text(name)
+    payload = {"coords": [[1.0, 2.0]], "confidence": [1.0], "measurements": {},
+               "files": ["a.mrk.json", "ab.mrk.json", "a_b.json"]}  # a state listing files of other cases
+    store.put_done("a", str(tmp_path / "a.nii.gz"), payload)
+    store.put_failed("a", str(tmp_path / "a.nii.gz"), "failed now")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["a_b.json", "ab.mrk.json"]
+    store.put_done("ab", str(tmp_path / "ab.nii.gz"), {**payload, "files": ["ab.mrk.json"]})
+    store.drop("a")
+    assert (tmp_path / "ab.mrk.json").read_text() == "ab.mrk.json"
+
+
+@pytest.mark.parametrize("link", [".heatmark", ".heatmark/cases", "case01.mrk.json", "landmarks.csv"])
+def test_symbolic_links_in_output_are_refused(data, tmp_path, capsys, link):
+    """OUTPUT/.heatmark, its cases/ folder or an output file that is a symbolic link (here to a
+    folder outside OUTPUT): refused before anything is written or deleted, there or here."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "cases").mkdir(parents=True)
+    (elsewhere / f"{TMP_PREFIX}keep.json").write_text("not debris of this run")
+    (elsewhere / "cases" / f"{TMP_PREFIX}keep.json").write_text("not debris either")
+    (elsewhere / "target.txt").write_text("someone else's file")
+    out = tmp_path / "out"
+    (out / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(elsewhere if "." not in Path(link).name or link == ".heatmark" else elsewhere / "target.txt",
+               out / link)
+    before = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code = run(data["bundle"], data["inputs"] / "case01.nii.gz", out, "--config", "tiny.yaml", "--num-workers", 0,
+               "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and str(out / link) in err and "symbolic link" in err, err
+    assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == before
+    assert (out / link).is_symlink()
+
+
+def test_debris_cleanup_does_not_follow_symbolic_links(data, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / f"{TMP_PREFIX}x.json").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / f"{TMP_PREFIX}dir")  # debris by name, but a link to a folder elsewhere
+    os.symlink(elsewhere / f"{TMP_PREFIX}x.json", out / f"{TMP_PREFIX}file.json")
+    assert run(data["bundle"], data["inputs"] / "case01.nii.gz", out, "--config", "tiny.yaml", "--num-workers", 0,
+               "--quiet") == 0
+    assert (elsewhere / f"{TMP_PREFIX}x.json").read_text() == "keep"
+    assert not (out / f"{TMP_PREFIX}file.json").is_symlink()  # the link itself is debris: removed
+
+
+def fail_writes_after(n: int, err: int):
+    """os.replace that raises OSError(err) from the (n+1)-th rename of a temporary file on."""
+    real = os.replace
+    count = [0]
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(os.fspath(src)).name.startswith(TMP_PREFIX):
+            count[0] += 1
+            if count[0] > n:
+                raise OSError(err, os.strerror(err))
+        return real(src, dst, *args, **kwargs)
+
+    return replace
+
+
+@pytest.mark.parametrize("n", [0, 3, 8])
+def test_disk_full_stops_in_one_line_and_a_rerun_resumes_identically(data, monkeypatch, capsys, n):
+    out = data["root"] / f"full{n}"
+    argv = (data["bundle"], data["inputs"], out, "--config", "tiny.yaml", "--batch-size", 2, "--num-workers", 0,
+            "--quiet")
+    monkeypatch.setattr(os, "replace", fail_writes_after(n, errno.ENOSPC))
+    capsys.readouterr()
+    code = run(*argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("heatmark predict: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and "rerun" in lines[0] and str(out) in lines[0], lines[0]
+    assert no_temporary_files(out)
+    monkeypatch.undo()
+    assert run(*argv) == 1  # the bad inputs
+    for name in ("landmarks.csv", "measurements.csv", "errors.csv"):
+        assert (out / name).read_bytes() == (data["out"] / name).read_bytes(), name
+    for case in GOOD:
+        assert (out / f"{case}.mrk.json").read_bytes() == (data["out"] / f"{case}.mrk.json").read_bytes()
+
+
+def test_write_error_with_debug_shows_the_traceback(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "replace", fail_writes_after(2, errno.ENOSPC))
+    code = run(data["bundle"], data["inputs"] / "case01.nii.gz", tmp_path / "out", "--config", "tiny.yaml",
+               "--num-workers", 0, "--quiet", "--debug")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "No space left on device" in err
+
+
+def test_read_only_output_is_one_line_exit_1(data, tmp_path, monkeypatch, capsys):
+    """A new OUTPUT in a read-only place (mkdir: EROFS) and an existing one without write
+    permission (EACCES on the first file), simulated so that the test also runs as root."""
+    new = tmp_path / "ro" / "out"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if tmp_path / "ro" in [self, *self.parents]:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    capsys.readouterr()
+    code = run(data["bundle"], data["inputs"] / "case01.nii.gz", new, "--config", "tiny.yaml", "--num-workers", 0,
+               "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "Read-only file system" in err and str(new) in err and "rerun" in err, err
+    monkeypatch.undo()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir") or ".").resolve().is_relative_to(existing.resolve()):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(kwargs.get("dir")))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code = run(data["bundle"], data["inputs"] / "case01.nii.gz", existing, "--config", "tiny.yaml", "--num-workers",
+               0, "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "Permission denied" in err and str(existing) in err and "rerun" in err, err
+
+
+def test_recursive_skips_earlier_outputs_and_output(data, tmp_path, capsys):
+    study = tmp_path / "study"
+    (study / "sub").mkdir(parents=True)
+    shutil.copy(data["inputs"] / "case01.nii.gz", study / "a.nii.gz")
+    shutil.copy(data["inputs"] / "case02.nii.gz", study / "sub" / "b.nii.gz")
+    opts = ("--config", "tiny.yaml", "--recursive", "--save-heatmaps", "--overlays", "--num-workers", 0, "--quiet")
+    assert run(data["bundle"], study, study / "results", *opts) == 0
+    capsys.readouterr()
+    assert run(data["bundle"], study, study / "results", *opts) == 0
+    assert "0 processed, 2 skipped" in capsys.readouterr().out
+    # an earlier OUTPUT inside INPUT (it holds .heatmark) is not read back as input
+    assert run(data["bundle"], study, tmp_path / "elsewhere", *opts) == 0
+    assert sorted(read_landmark_table(tmp_path / "elsewhere" / "landmarks.csv")) == ["a", "b"]
+    assert P.find_inputs(study, recursive=True) == [study / "a.nii.gz", study / "sub" / "b.nii.gz"]
+    # OUTPUT itself, named through a symbolic link to INPUT's folder, before it holds .heatmark
+    (study / "fresh").mkdir()
+    shutil.copy(data["inputs"] / "case03.nii", study / "fresh" / "c.nii")
+    os.symlink(study, tmp_path / "alias")
+    assert [p.name for p in P.find_inputs(study, recursive=True, exclude=[tmp_path / "alias" / "fresh"])] == \
+        ["a.nii.gz", "b.nii.gz"]
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc/*/stat)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; its new parent may not have reaped it yet
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+def test_data_loading_workers_end_with_their_parent(data, tmp_path):
+    inputs = tmp_path / "many"
+    inputs.mkdir()
+    for i in range(200):
+        shutil.copy(data["inputs"] / "case01.nii.gz", inputs / f"c{i:03d}.nii.gz")
+    cmd = [sys.executable, "-m", "heatmark.cli", "predict", str(data["bundle"]), str(inputs), str(tmp_path / "out"),
+           "--config", "tiny.yaml", "--num-workers", "2", "--batch-size", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.01)
+        assert len(workers) >= 2, f"predict did not start its 2 data loading workers ({proc.poll()=})"
+        time.sleep(0.5)  # the workers at work (killed at once, they may die of the broken pipe alone)
+        assert proc.poll() is None, "predict ended before it could be killed; give it more inputs"
+        proc.kill()
+        proc.wait(timeout=30)
+        # torch's own watchdog ends orphaned workers only at their next 5 s status check (after the
+        # item in hand): a 5 s bound would not tell; the parent-death signal ends them at once
+        end = time.monotonic() + 2
+        while time.monotonic() < end and any(_alive(w) for w in workers):
+            time.sleep(0.02)
+        assert not [w for w in workers if _alive(w)], "data loading workers outlived their parent by 2 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for w in workers:
+            if _alive(w):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w, signal.SIGKILL)

@@ -1,8 +1,9 @@
 """The ``heatmark predict`` command line: :func:`add_predict_parser` (for ``heatmark``'s
 subcommands), :func:`cmd_predict` and :func:`main` (``python -m heatmark.predict``).
 
-Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv),
-2 usage errors (missing bundle or model, no inputs, bad option), 130 interrupted (Ctrl-C).
+Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv) or
+OUTPUT could not be written (one line; ``--debug`` adds the traceback), 2 usage errors (missing
+bundle or model, no inputs, bad option, symbolic links in OUTPUT), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from heatmark.predict.errors import PredictUsageError
-from heatmark.predict.options import DEFAULT_FORMATS, EXIT_INTERRUPTED, EXIT_USAGE, FORMATS, PredictOptions
+from heatmark.predict.errors import PredictOutputError, PredictUsageError, describe
+from heatmark.predict.options import (
+    DEFAULT_FORMATS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    FORMATS,
+    PredictOptions,
+)
 from heatmark.predict.runner import run_predict
 
 __all__ = ["add_predict_parser", "cmd_predict", "main"]
@@ -75,6 +84,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", action="store_true", help="write <case>_overlay.png")
     p.add_argument("--overwrite", action="store_true", help="redo cases already done in OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error that stops the run")
 
 
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -84,7 +94,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run the model of BUNDLE over INPUT and write landmarks in world mm (RAS) to OUTPUT: "
                     "landmarks.csv, one Slicer .mrk.json per case, measurements.csv, errors.csv. Bad inputs are "
                     "listed in errors.csv and do not stop the run; a rerun into the same OUTPUT resumes.",
-        epilog="Exit status: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted.")
+        epilog="Exit status: 0 all done, 1 some inputs failed or OUTPUT could not be written, 2 usage error, "
+               "130 interrupted.")
     _add_arguments(p)
     p.set_defaults(func=cmd_predict)
     return p
@@ -101,7 +112,13 @@ def _options_from_args(args: argparse.Namespace) -> PredictOptions:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``heatmark predict``: returns the exit status (0, 1, 2 or 130)."""
+    """``heatmark predict``: returns the exit status (0, 1, 2 or 130).
+
+    An error that stops the run is one line on stderr (with ``--debug``, after its traceback):
+    a usage error exits 2; a failure to write OUTPUT (:class:`PredictOutputError`) or any other
+    ``OSError`` (reading the bundle, say) exits 1.
+    """
+    debug = bool(getattr(args, "debug", False))
     try:
         summary = run_predict(_options_from_args(args))
     except PredictUsageError as e:
@@ -110,6 +127,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("heatmark predict: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (PredictOutputError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"heatmark predict: error: {e if isinstance(e, PredictOutputError) else describe(e)}",
+              file=sys.stderr)
+        return EXIT_FAILED
     print(f"heatmark predict: {summary.line()}")
     if summary.interrupted:
         print(f"heatmark predict: interrupted; the files in {summary.output} are consistent for the cases done. "

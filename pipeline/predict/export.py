@@ -2,11 +2,12 @@
 
 Per case (:func:`write_case`): ``<case>.mrk.json`` / ``.fcsv`` / ``.json`` per format,
 ``<case>_heatmaps.nii.gz`` (the network output, landmarks along the 4th axis, 2D as
-X x Y x 1 x N, with the output grid's affine) and ``<case>_overlay.png`` when asked. The tables
-(:func:`write_tables`) are rebuilt from the case states: ``landmarks.csv``, ``measurements.csv``
-(when the bundle defines ``measurements``) and ``errors.csv``, rows sorted by case, numbers at
-full precision. Every file is written to a temporary name and renamed
-(:mod:`heatmark.core.fileio`).
+X x Y x 1 x N, with the output grid's affine) and ``<case>_overlay.png`` when asked, every name
+from :func:`heatmark.predict.inputs.case_file_name`. The tables (:func:`write_tables`) are rebuilt
+from the case states: ``landmarks.csv``, ``measurements.csv`` (when the bundle defines
+``measurements``), ``errors.csv`` and ``warnings.csv``, rows sorted by case, numbers at full
+precision. Every file is written to a temporary name and renamed (:mod:`heatmark.core.fileio`); an
+``OSError`` of a write is a :class:`~heatmark.predict.errors.PredictOutputError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from heatmark.core.geometry import nifti_affine, output_grid_affine
 from heatmark.evaluation.metrics import measure
 from heatmark.evaluation.reports import plot_overlay
 from heatmark.landmarks import Landmarks, landmark_table_text, write_landmarks
+from heatmark.predict.errors import writing
+from heatmark.predict.inputs import case_file_name, case_file_names
 from heatmark.predict.model import LoadedBundle
 from heatmark.predict.options import PredictOptions
 
-__all__ = ["case_files", "save_heatmaps", "write_case", "write_tables"]
+__all__ = ["TABLES", "case_files", "save_heatmaps", "write_case", "write_tables"]
+
+#: The tables of OUTPUT (rebuilt from the states).
+TABLES = ("landmarks.csv", "measurements.csv", "errors.csv", "warnings.csv")
 
 
 def case_files(case: str, opts: PredictOptions) -> list[str]:
     """The names of the files of ``case`` the options ask for (``landmarks.csv`` aside)."""
-    files = [f"{case}.{fmt}" for fmt in opts.formats if fmt != "csv"]
-    if opts.save_heatmaps:
-        files.append(f"{case}_heatmaps.nii.gz")
-    if opts.overlays:
-        files.append(f"{case}_overlay.png")
-    return files
+    return case_file_names(case, opts)
 
 
 def save_heatmaps(path: Path, heatmap: Any, grid_affine: np.ndarray, output_stride: Sequence[int]) -> None:
@@ -56,28 +57,45 @@ def save_heatmaps(path: Path, heatmap: Any, grid_affine: np.ndarray, output_stri
 
 def write_case(out: Path, case: str, result: dict, bundle: LoadedBundle, opts: PredictOptions) -> dict:
     """Write one case's own files (atomically); returns the case's state payload: ``coords``,
-    ``confidence``, ``measurements`` and ``files``."""
+    ``confidence``, ``measurements``, ``files`` and ``warnings`` (``result["warnings"]``).
+
+    Raises:
+        PredictOutputError: a file could not be written (an ``OSError``: disk full, permissions).
+    """
     lm = Landmarks(result["world"], bundle.names)
     for fmt in opts.formats:
         if fmt != "csv":
-            write_landmarks(out / f"{case}.{fmt}", lm, case=case if fmt == "json" else None)
+            path = out / case_file_name(case, fmt)
+            with writing(path):
+                write_landmarks(path, lm, case=case if fmt == "json" else None)
     if opts.save_heatmaps:
-        save_heatmaps(out / f"{case}_heatmaps.nii.gz", result["heatmap"], result["affine"], bundle.output_stride)
+        path = out / case_file_name(case, "heatmaps")
+        with writing(path):
+            save_heatmaps(path, result["heatmap"], result["affine"], bundle.output_stride)
     if opts.overlays:
-        plot_overlay(result["image"], result["affine"], lm.coords, out / f"{case}_overlay.png",
-                     names=bundle.names, title=case)
+        path = out / case_file_name(case, "overlay")
+        with writing(path):
+            plot_overlay(result["image"], result["affine"], lm.coords, path, names=bundle.names, title=case)
     values = measure(lm.coords, bundle.names, bundle.measurements) if bundle.measurements else {}
     return {
         "coords": [None if np.isnan(p).any() else [float(v) for v in p] for p in lm.coords],
         "confidence": [float(c) for c in result["confidence"]],
         "measurements": {k: (None if math.isnan(v) else float(v)) for k, v in values.items()},
         "files": case_files(case, opts),
+        "warnings": [str(w) for w in result.get("warnings", [])],
     }
+
+
+def _write_table(path: Path, text: str) -> None:
+    with writing(path):
+        atomic_write_text(path, text)
 
 
 def write_tables(out: Path, states: Mapping[str, dict], bundle: LoadedBundle, opts: PredictOptions) -> None:
     """(Re)write ``landmarks.csv`` (with the ``csv`` format), ``measurements.csv`` (when the bundle
-    has measurements) and ``errors.csv`` from the case states, rows sorted by case."""
+    has measurements), ``errors.csv`` (cases that failed) and ``warnings.csv`` (``case,path,warning``:
+    one row per warning of a case done, e.g. a landmark set missing) from the case states, rows
+    sorted by case. Raises PredictOutputError."""
     b = bundle
     done = sorted(c for c, s in states.items() if s["status"] == "done")
     failed = sorted(c for c, s in states.items() if s["status"] == "failed")
@@ -90,13 +108,16 @@ def write_tables(out: Path, states: Mapping[str, dict], bundle: LoadedBundle, op
             table[c] = Landmarks(coords, b.names)
             conf[c] = np.asarray(s["confidence"], dtype=np.float64)
         text = landmark_table_text(table, confidence=conf, names=b.names, spatial_dims=b.spatial_dims)
-        atomic_write_text(out / "landmarks.csv", text)
+        _write_table(out / "landmarks.csv", text)
     if b.measurement_names:
         rows: list[list[Any]] = [["case", *b.measurement_names]]
         for c in done:
             m = states[c].get("measurements") or {}
             rows.append([c, *("" if m.get(n) is None else csv_cell(float(m[n])) for n in b.measurement_names)])
-        atomic_write_text(out / "measurements.csv", csv_text(rows))
+        _write_table(out / "measurements.csv", csv_text(rows))
     rows = [["case", "path", "error"]]
     rows += [[c, states[c].get("path", ""), states[c].get("error", "")] for c in failed]
-    atomic_write_text(out / "errors.csv", csv_text(rows))
+    _write_table(out / "errors.csv", csv_text(rows))
+    rows = [["case", "path", "warning"]]
+    rows += [[c, states[c].get("path", ""), w] for c in done for w in states[c].get("warnings") or ()]
+    _write_table(out / "warnings.csv", csv_text(rows))

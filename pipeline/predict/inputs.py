@@ -5,9 +5,16 @@ the list's folder; blank lines and ``#`` comments are skipped). A folder is scan
 of :data:`IMAGE_SUFFIXES` (the image reader registry's, :mod:`heatmark.transforms.io`) and DICOM
 files without an ending; the ``.img`` of an ``a.hdr`` + ``a.img`` pair is read through its header
 and not taken twice; with a 3D bundle a folder of DICOM slices is one series; ``recursive``
-descends into subfolders, ``pattern`` chooses files by name. Every input gets a case name
-(:func:`assign_case_names`): the file name without its image ending, made safe for file names and
-unique.
+descends into subfolders (but not into folders holding a heatmark state folder ``.heatmark``,
+i.e. earlier outputs, nor into the ``exclude`` folders: OUTPUT), ``pattern`` chooses files by name.
+
+Every input gets a case name (:func:`assign_case_names`): the file name without its image ending,
+made safe for file names (``[A-Za-z0-9_-]``, no dot) and unique. Every file a case writes is named
+by :func:`case_file_name`: the case name and the suffix of its kind (:data:`CASE_FILE_SUFFIXES`).
+As case names hold no dot, the text after a file name's first dot tells the kind (``mrk.json``,
+``fcsv``, ``json``, ``nii.gz``, ``png``: all different) and the text before it the case, so no two
+cases can ever name the same file (:func:`parse_case_file_name` reads it back), nor a table
+(``landmarks.csv``...: ``csv`` is no case kind).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +30,24 @@ from heatmark.core.fileio import safe_case_name
 from heatmark.predict.errors import PredictUsageError
 from heatmark.transforms.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, has_dicom_marker, image_suffix, is_companion_file
 
-__all__ = ["IMAGE_SUFFIXES", "LIST_SUFFIXES", "find_inputs", "assign_case_names"]
+__all__ = ["IMAGE_SUFFIXES", "LIST_SUFFIXES", "STATE_DIR", "CASE_FILE_SUFFIXES", "CASE_FILE_KINDS",
+           "find_inputs", "assign_case_names", "is_case_name", "case_file_name", "case_file_names",
+           "parse_case_file_name"]
 
 #: Endings of a file listing the inputs.
 LIST_SUFFIXES = (".txt", ".lst")
+
+#: Folder inside OUTPUT holding the run description and the per-case states; a folder holding one
+#: is an earlier OUTPUT, never scanned for inputs.
+STATE_DIR = ".heatmark"
+
+#: The files of a case: kind -> suffix after the case name. Each suffix holds a dot, and the texts
+#: after the first dot differ between kinds (see the module documentation).
+CASE_FILE_SUFFIXES = {"mrk.json": ".mrk.json", "fcsv": ".fcsv", "json": ".json",
+                      "heatmaps": "_heatmaps.nii.gz", "overlay": "_overlay.png"}
+CASE_FILE_KINDS = tuple(CASE_FILE_SUFFIXES)
+
+_CASE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +113,9 @@ def find_inputs(source: str | os.PathLike, recursive: bool = False, pattern: str
     """The images named by ``source`` (a file, a folder or a ``.txt``/``.lst`` list), in order.
 
     Folders: files with an image ending (:data:`IMAGE_SUFFIXES`) or matching ``pattern`` (on the
-    name or the path below the folder), hidden entries, ``exclude`` folders and companion files
-    (the ``.img`` beside its ``.hdr``) skipped; with ``spatial_dims == 3`` a folder of DICOM
+    name or the path below the folder), hidden entries, ``exclude`` folders (compared by their
+    real path), subfolders holding a ``.heatmark`` state folder (earlier outputs) and companion
+    files (the ``.img`` beside its ``.hdr``) skipped; with ``spatial_dims == 3`` a folder of DICOM
     slices is one input. Duplicates are dropped.
 
     Raises:
@@ -111,7 +134,7 @@ def find_inputs(source: str | os.PathLike, recursive: bool = False, pattern: str
     if src.is_file():
         found = _read_list(src) if src.name.lower().endswith(LIST_SUFFIXES) else [src]
     elif src.is_dir():
-        found = _scan_folder(src, recursive, pattern, spatial_dims, [Path(os.path.abspath(e)) for e in exclude])
+        found = _scan_folder(src, recursive, pattern, spatial_dims, [Path(os.path.realpath(e)) for e in exclude])
         if not found:
             what = f"matching {pattern!r}" if pattern else "image files (" + ", ".join(IMAGE_SUFFIXES) + ")"
             hint = "" if recursive else "; use --recursive to look into subfolders"
@@ -142,10 +165,11 @@ def _scan_folder(root: Path, recursive: bool, pattern: str | None, spatial_dims:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not _inside(Path(os.path.abspath(here / d)), exclude))
+                             and not _inside(Path(os.path.realpath(here / d)), exclude)
+                             and not os.path.isdir(here / d / STATE_DIR))  # an earlier OUTPUT
         for name in sorted(filenames):
             p = here / name
-            if name.startswith(".") or _inside(Path(os.path.abspath(p)), exclude) or is_companion_file(p):
+            if name.startswith(".") or _inside(Path(os.path.realpath(p)), exclude) or is_companion_file(p):
                 continue  # hidden, excluded, or read through its sibling (a.img of a.hdr + a.img)
             if wanted(p):
                 found.append(p)
@@ -172,9 +196,15 @@ def _base_name(path: Path) -> str:
     return name if path.is_dir() or "." not in name.strip(".") else name.rsplit(".", 1)[0]
 
 
+def _case_name(text: str) -> str:
+    """``text`` as a case name: :func:`heatmark.core.fileio.safe_case_name`, dots made ``_``."""
+    return safe_case_name(text).replace(".", "_")
+
+
 def assign_case_names(paths: Sequence[Path], reserved: Sequence[str] = ()) -> list[str]:
     """One case name per input: the file name without its image ending, sanitised with
-    :func:`heatmark.core.fileio.safe_case_name`; names that clash (case-insensitively) with each other
+    :func:`heatmark.core.fileio.safe_case_name` and dots replaced by ``_`` (``a.mrk.nii.gz`` ->
+    ``a_mrk``; see the module documentation for why); names that clash (case-insensitively) with each other
     or with a ``reserved`` name (cases of other inputs already in OUTPUT) get their parent folders
     prefixed, one more at a time, then a ``-2``, ``-3`` ... suffix. Deterministic for a given list;
     no two inputs share a name."""
@@ -186,7 +216,7 @@ def assign_case_names(paths: Sequence[Path], reserved: Sequence[str] = ()) -> li
     def name_of(i: int) -> str:
         k = levels[i]
         prefix = parents[i][len(parents[i]) - k:] if k else []
-        return safe_case_name("_".join([*prefix, bases[i]]))
+        return _case_name("_".join([*prefix, bases[i]]))
 
     names = [name_of(i) for i in range(len(paths))]
     while True:
@@ -214,3 +244,36 @@ def assign_case_names(paths: Sequence[Path], reserved: Sequence[str] = ()) -> li
             taken.add(names[i].casefold())
         seen.add(names[i].casefold())
     return names
+
+
+# ----------------------------------------------------------------------------------------------
+# the files of a case
+
+
+def is_case_name(name: object) -> bool:
+    """``name`` can be a case name: letters, digits, ``_`` and ``-`` only (no dot)."""
+    return isinstance(name, str) and _CASE_NAME.fullmatch(name) is not None
+
+
+def case_file_name(case: str, kind: str) -> str:
+    """THE name of the file of ``kind`` (:data:`CASE_FILE_KINDS`) of ``case``; every writer, the
+    resume check and the cleanup use it. Raises ValueError for a name that is not a case name."""
+    if not is_case_name(case):
+        raise ValueError(f"not a case name (letters, digits, '_' and '-' only): {case!r}")
+    return case + CASE_FILE_SUFFIXES[kind]
+
+
+def case_file_names(case: str, opts) -> list[str]:
+    """The files of ``case`` that the options ``opts`` (:class:`~heatmark.predict.PredictOptions`:
+    ``formats``, ``save_heatmaps``, ``overlays``) ask for; ``csv`` is the table, no case file."""
+    kinds = [f for f in opts.formats if f != "csv"]
+    kinds += ["heatmaps"] * bool(opts.save_heatmaps) + ["overlay"] * bool(opts.overlays)
+    return [case_file_name(case, k) for k in kinds]
+
+
+def parse_case_file_name(name: str) -> tuple[str, str] | None:
+    """``(case, kind)`` of a case file name from :func:`case_file_name`; None for any other name."""
+    for kind, suffix in CASE_FILE_SUFFIXES.items():
+        if name.endswith(suffix) and is_case_name(name[: -len(suffix)]):
+            return name[: -len(suffix)], kind
+    return None

@@ -6,9 +6,13 @@ The config files are those of the bundle's ``inference`` workflow
 MONAI's ``ConfigParser`` with ``bundle_root`` set to the bundle. Only the keys prediction needs are
 built (no dataset is touched): ``inference#preprocessing``, ``inference#inferer``,
 ``inference#postprocessing``, ``network_def``, ``landmark_names``, ``spatial_dims``,
-``output_stride``, ``ckpt_path``, ``measurements``, ``amp`` / ``amp_dtype``, and ``image_spacing``
+``output_stride``, ``ckpt_path``, ``measurements``, ``amp`` / ``amp_dtype``, ``image_spacing``
 (overridden by ``--spacing`` before anything is built; ``--pixel-units`` sets
-``inference#loader#allow_pixel_units``). Every problem is a :class:`PredictUsageError`.
+``inference#loader#allow_pixel_units``), and the plausibility limits ``predict_min_voxels``,
+``predict_min_extent_mm`` (or ``predict_min_extent_fraction`` of ``input_size x spacing_mm``),
+``predict_min_distinct_values`` and ``predict_max_outside_mm`` (:mod:`heatmark.predict.checks`,
+whose :class:`~heatmark.predict.checks.CheckImaged` goes into the preprocessing right after
+``inference#loader``). Every problem is a :class:`PredictUsageError`.
 """
 
 from __future__ import annotations
@@ -17,20 +21,22 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
-
 from heatmark.bundle import BundleError, bundle_config_files, check_bundle
 from heatmark.core.axes import per_axis
 from heatmark.core.fileio import sha256_file
 from heatmark.evaluation.metrics import measure
+from heatmark.predict.checks import CheckImaged, ImageChecks
 from heatmark.predict.errors import PredictUsageError, describe
 from heatmark.predict.options import PredictOptions
+from heatmark.training.precision import choose_precision
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 __all__ = ["LoadedBundle", "load_bundle", "resolve_device"]
 
@@ -53,6 +59,8 @@ class LoadedBundle:
         device: where the network runs.
         amp: mixed precision on; ``amp_kwargs`` for :func:`heatmark.training.autocast_context`.
         fingerprint: what makes results comparable (model and config hashes, spacing, landmarks).
+        checks: the plausibility limits (:mod:`heatmark.predict.checks`); ``preprocessing``
+            applies the image checks right after the loader.
     """
 
     root: Path
@@ -71,6 +79,7 @@ class LoadedBundle:
     fingerprint: dict
     image_key: str = "image"
     pred_key: str = "pred"
+    checks: ImageChecks = field(default_factory=ImageChecks)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +143,56 @@ def _read_configs(opts: PredictOptions) -> tuple[Path, list[Path], ConfigParser]
     return bundle, files, parser
 
 
+def _checks(get: Callable, bundle: Path, spatial_dims: int) -> ImageChecks:
+    """The plausibility limits of the configs (see :mod:`heatmark.predict.checks`)."""
+
+    def number(key: str, default: float, integer: bool = False) -> float:
+        value = get(key, None)
+        value = default if value is None else value
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not x >= 0 or (integer and x != int(x)):
+            raise PredictUsageError(f"bundle {bundle}: bad `{key}`: {value!r}; expected a "
+                                    f"{'whole ' if integer else ''}number >= 0")
+        return int(x) if integer else x
+
+    fraction = number("predict_min_extent_fraction", 0.125)
+    try:  # the network input's field of view, mm per axis
+        fov = [float(n) * float(s) for n, s in zip(
+            per_axis(get("input_size", None), spatial_dims, name="input_size", cast=float),
+            per_axis(get("spacing_mm", None), spatial_dims, name="spacing_mm", cast=float))]
+    except (TypeError, ValueError):
+        fov = []  # no input grid to derive the limits from
+    extent = get("predict_min_extent_mm", None)
+    if extent is None:
+        extent_mm = tuple(fraction * f for f in fov)
+    else:
+        try:
+            extent_mm = per_axis(extent, spatial_dims, name="predict_min_extent_mm", cast=float)
+        except (TypeError, ValueError) as e:
+            raise PredictUsageError(f"bundle {bundle}: bad `predict_min_extent_mm`: {e}") from None
+        if not all(v >= 0 for v in extent_mm):
+            raise PredictUsageError(f"bundle {bundle}: bad `predict_min_extent_mm`: {extent!r}; expected mm >= 0")
+    outside_default = fraction * min(fov) if fov else 10.0
+    return ImageChecks(min_voxels=number("predict_min_voxels", 8, integer=True), min_extent_mm=extent_mm,
+                       min_distinct_values=number("predict_min_distinct_values", 16, integer=True),
+                       max_outside_mm=number("predict_max_outside_mm", outside_default))
+
+
+def _with_checks(preprocessing: Callable, loader: Any, check: CheckImaged) -> Callable:
+    """``preprocessing`` with ``check`` right after ``loader`` (the first transform when the loader
+    is not among them; after everything when the preprocessing is not a ``Compose``)."""
+    if not isinstance(preprocessing, Compose):
+        return Compose([preprocessing, check])
+    transforms = list(preprocessing.transforms)
+    at = next((i for i, t in enumerate(transforms) if t is loader), 0) + 1
+    transforms.insert(min(at, len(transforms)), check)
+    return Compose(transforms, map_items=preprocessing.map_items, unpack_items=preprocessing.unpack_items,
+                   log_stats=preprocessing.log_stats, lazy=preprocessing.lazy, overrides=preprocessing.overrides)
+
+
 def load_bundle(opts: PredictOptions) -> LoadedBundle:
     """Build what prediction needs from the bundle ``opts.bundle``; see the module documentation.
 
@@ -178,10 +237,18 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
         raise PredictUsageError(f"cannot load the model {model} into the bundle's network_def: "
                                 f"{describe(e).splitlines()[0][:300]}") from None
 
+    checks = _checks(get, bundle, spatial_dims)
+    image_key = str(getattr(postprocessing, "image_key", "image"))
+    preprocessing = _with_checks(preprocessing, get("inference#loader", None), CheckImaged(checks, image_key))
+
     device = resolve_device(opts.device)
-    bundle_amp = bool(get("amp", False))
-    amp = bool(opts.amp) if opts.amp is not None else (bundle_amp and device.type == "cuda")
-    amp_dtype = str(get("amp_dtype", "float16")) if device.type == "cuda" else "bfloat16"
+    # --amp / --no-amp decide; else the bundle's `amp` (true/false/auto) on CUDA; CPU prediction is float32
+    setting = bool(opts.amp) if opts.amp is not None else (get("amp", "auto") if device.type == "cuda" else False)
+    try:
+        chosen = choose_precision(setting, get("amp_dtype", "auto"), device, log=False)
+    except ValueError as e:
+        raise PredictUsageError(f"bundle {bundle}: {e}") from None
+    amp, amp_dtype = chosen.enabled, chosen.dtype
     network = network.to(device).eval()
 
     fingerprint = {
@@ -196,6 +263,5 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
                         postprocessing=postprocessing, names=names, spatial_dims=spatial_dims,
                         output_stride=output_stride, measurements=measurements,
                         measurement_names=measurement_names, device=device, amp=amp,
-                        amp_kwargs={"dtype": amp_dtype}, fingerprint=fingerprint,
-                        image_key=str(getattr(postprocessing, "image_key", "image")),
-                        pred_key=str(getattr(postprocessing, "pred_key", "pred")))
+                        amp_kwargs={"dtype": amp_dtype}, fingerprint=fingerprint, image_key=image_key,
+                        pred_key=str(getattr(postprocessing, "pred_key", "pred")), checks=checks)

@@ -49,13 +49,15 @@ class PredictOptions:
 
 @dataclass
 class PredictSummary:
-    """What a run did. ``failures`` are ``(case, path, error)`` of this run."""
+    """What a run did. ``failures`` are ``(case, path, error)`` of this run; ``warned`` counts the
+    landmarks of this run's cases set missing (predicted outside the image, see warnings.csv)."""
 
     output: Path
     total: int = 0
     processed: int = 0
     skipped: int = 0
     failed: int = 0
+    warned: int = 0
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[tuple[str, str, str]] = field(default_factory=list)
@@ -72,6 +74,9 @@ class PredictSummary:
                 f"in {self.seconds:.1f} s ({rate:.2f} cases/s); results in {self.output}")
         if self.failed:
             text += f" (failures listed in {self.output / 'errors.csv'})"
+        if self.warned:
+            text += (f"; {self.warned} landmark{'s' if self.warned != 1 else ''} set missing, predicted outside "
+                     f"the image (listed in {self.output / 'warnings.csv'})")
         return text
 
 

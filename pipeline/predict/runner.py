@@ -7,12 +7,20 @@ under :func:`heatmark.training.autocast_context`) and ``inference#postprocessing
 fails is retried one case at a time to find the culprit. A case's files are written as soon as it
 is done (:mod:`~heatmark.predict.export`), then its state (:mod:`~heatmark.predict.store`); the
 tables are rewritten from the states after a batch (at most once a second) and at the end, also
-after Ctrl-C.
+after Ctrl-C. Landmarks predicted outside the image are set missing
+(:func:`heatmark.predict.checks.refuse_outside`).
+
+Before anything is written: OUTPUT is resolved once (its real path); every folder, table, state
+and case file the run will write is checked not to be a symbolic link
+(:func:`~heatmark.predict.store.check_inside`), and no two cases to name the same file. Data
+loading workers end with this process (:func:`~heatmark.predict.dataset.die_with_parent`). An
+``OSError`` writing OUTPUT stops the run (:class:`~heatmark.predict.errors.PredictOutputError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -24,13 +32,14 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from heatmark.predict.dataset import CaseDataset, collate
-from heatmark.predict.errors import PredictUsageError, describe
-from heatmark.predict.export import case_files, write_case, write_tables
-from heatmark.predict.inputs import assign_case_names, find_inputs
+from heatmark.predict.checks import refuse_outside
+from heatmark.predict.dataset import CaseDataset, collate, die_with_parent
+from heatmark.predict.errors import PredictOutputError, PredictUsageError, describe, writing
+from heatmark.predict.export import TABLES, case_files, write_case, write_tables
+from heatmark.predict.inputs import STATE_DIR, assign_case_names, find_inputs
 from heatmark.predict.model import LoadedBundle, load_bundle
 from heatmark.predict.options import PredictOptions, PredictSummary, check_options
-from heatmark.predict.store import STATE_DIR, CaseStore, check_run_file, remove_debris
+from heatmark.predict.store import CaseStore, check_inside, check_run_file, remove_debris, write_run_file
 from heatmark.training import autocast_context
 
 __all__ = ["AGGREGATE_INTERVAL_S", "infer", "infer_group", "run_predict"]
@@ -101,28 +110,48 @@ def infer_group(bundle: LoadedBundle, group: dict, pad_to: int = 1, keep_heatmap
     return out
 
 
+def _check_unique_files(out: Path, cases: list[str], opts: PredictOptions) -> None:
+    """No two cases (of this run or kept in OUTPUT) name the same file, letter case aside: impossible
+    by construction (:mod:`heatmark.predict.inputs`), checked all the same before any write."""
+    owner: dict[str, str] = {t.casefold(): "the tables" for t in TABLES}
+    for case in cases:
+        for f in case_files(case, opts):
+            other = owner.setdefault(f.casefold(), case)
+            if other != case:
+                raise PredictUsageError(f"cases {other!r} and {case!r} would both write {out / f}; "
+                                        "rename one of the inputs")
+
+
 def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) -> PredictSummary:
-    """Run a bundle over the inputs; see :mod:`heatmark.predict`. Raises PredictUsageError.
+    """Run a bundle over the inputs; see :mod:`heatmark.predict`.
 
     Args:
         opts: what to run on what, and what to write.
-        log: receives a line per failed case (default: printed above the progress bar).
+        log: receives a line per failed case or warning (default: printed above the progress bar).
+
+    Raises:
+        PredictUsageError: a usage mistake (before any case), symbolic links in OUTPUT included.
+        PredictOutputError: OUTPUT could not be written (disk full, read-only, permissions): the
+            run stops; what was written is intact and a rerun resumes.
     """
     t0 = time.perf_counter()
     opts = check_options(opts)
-    out = Path(os.path.expanduser(os.fspath(opts.output)))
+    out = Path(os.path.realpath(os.path.expanduser(os.fspath(opts.output))))  # resolved once
     if out.exists() and not out.is_dir():
         raise PredictUsageError(f"OUTPUT exists and is not a folder: {out}")
     src = Path(os.path.expanduser(os.fspath(opts.input)))
-    if src.is_dir() and os.path.abspath(src) == os.path.abspath(out):
+    if src.is_dir() and os.path.realpath(src) == str(out):
         raise PredictUsageError("OUTPUT must not be the INPUT folder")
     bundle = load_bundle(opts)
     paths = find_inputs(src, opts.recursive, opts.pattern, bundle.spatial_dims, exclude=[out])
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "create the folder"):
+        out.mkdir(parents=True, exist_ok=True)
     store = CaseStore(out, bundle.names, bundle.spatial_dims)
-    remove_debris([out, store.dir, out / STATE_DIR])
+    state = out / STATE_DIR
+    check_inside(out, [state, store.dir, state / "run.json", *(out / t for t in TABLES)])
+    remove_debris([out, store.dir, state])
     store.load()
     check_run_file(out, store, bundle, opts)
     # cases of other inputs already in OUTPUT keep their names; the same input keeps one name
@@ -132,6 +161,7 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
     for case, s in list(store.states.items()):
         if s.get("source") in current and current[s["source"]] != case:
             store.drop(case)  # superseded: that input now has another name (the input set changed)
+    _check_unique_files(out, sorted(set(cases) | set(store.states)), opts)
 
     summary = PredictSummary(output=out, total=len(paths))
     todo = []
@@ -140,6 +170,8 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
             summary.skipped += 1
         else:
             todo.append((c, str(p)))
+    check_inside(out, [p for c, _ in todo for p in (store.state_file(c), *(out / f for f in case_files(c, opts)))])
+    write_run_file(out, bundle, opts)
 
     def fail(case: str, path: str, error: str) -> None:
         store.put_failed(case, path, error)
@@ -151,7 +183,9 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
     workers = min(opts.num_workers, -(-len(todo) // opts.batch_size))  # no idle worker processes
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=collate,
-                                         pin_memory=bundle.device.type == "cuda")
+                                         pin_memory=bundle.device.type == "cuda",
+                                         worker_init_fn=functools.partial(die_with_parent, os.getpid())
+                                         if workers else None)
     bar = tqdm(total=len(todo), unit="case", desc="predict", disable=not opts.progress or not todo,
                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     last_write = time.monotonic()
@@ -164,19 +198,26 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
                 bar.update(1)
             for group in batch["groups"]:
                 results = infer_group(bundle, group, opts.batch_size, opts.save_heatmaps)
-                for case, path, result in zip(group["cases"], group["paths"], results):
+                geometries = group.get("geometries") or [None] * len(results)
+                for case, path, result, geometry in zip(group["cases"], group["paths"], results, geometries):
                     if isinstance(result, str):
                         fail(case, path, result)
+                        bar.update(1)
+                        continue
+                    result["world"], result["warnings"] = refuse_outside(
+                        result["world"], geometry, bundle.names, bundle.checks.max_outside_mm)
+                    try:
+                        payload = write_case(out, case, result, bundle, opts)
+                    except (KeyboardInterrupt, SystemExit, PredictOutputError):
+                        raise
+                    except Exception as e:  # noqa: BLE001
+                        fail(case, path, f"writing the outputs failed: {describe(e)}")
                     else:
-                        try:
-                            payload = write_case(out, case, result, bundle, opts)
-                        except (KeyboardInterrupt, SystemExit):
-                            raise
-                        except Exception as e:  # noqa: BLE001
-                            fail(case, path, f"writing the outputs failed: {describe(e)}")
-                        else:
-                            store.put_done(case, path, payload)
-                            summary.processed += 1
+                        store.put_done(case, path, payload)
+                        summary.processed += 1
+                        summary.warned += len(result["warnings"])
+                        for w in result["warnings"]:
+                            say(f"warning: {case} ({path}): {w}")
                     bar.update(1)
             if summary.failed:
                 bar.set_postfix(failed=summary.failed, refresh=False)

@@ -177,6 +177,7 @@ class LandmarkTrainer(SupervisedTrainer):
         try:
             Workflow.run(self)
         except KeyboardInterrupt:
+            self._validate_before_stopping()
             logger.error("training interrupted at epoch %s iteration %s; %s", self.state.epoch, self.state.iteration,
                          self._where_to_resume())
             raise SystemExit(130) from None
@@ -186,6 +187,20 @@ class LandmarkTrainer(SupervisedTrainer):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+
+    def _validate_before_stopping(self) -> None:
+        """After Ctrl-C: run the final validation a :class:`~heatmark.training.handlers.FinalValidation`
+        handler registered (``state.final_validation``), so the latest weights are evaluated and can
+        become the best model; a second Ctrl-C skips it."""
+        final = getattr(self.state, "final_validation", None)
+        if final is None:
+            return
+        logger.warning("Ctrl-C: validating the latest weights before stopping (Ctrl-C again to skip)")
+        self._sigint = False
+        try:
+            final(self)
+        except KeyboardInterrupt:
+            logger.warning("final validation skipped")
 
     def _where_to_resume(self) -> str:
         ckpt_dir = getattr(self.state, "checkpoint_dir", None)

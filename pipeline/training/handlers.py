@@ -51,16 +51,17 @@ def _validated_epoch(validator: Engine) -> int:
 
 
 class FinalValidation:
-    """Validate once more when training ends (max epochs, time limit, early stop) and the last
-    epoch was not validated, so the final, lowest-learning-rate weights are evaluated and can become
-    the best model (the validator's own checkpoint handler keeps the best). Attach to the trainer
-    after the ``ValidationHandler``."""
+    """Validate once more when training ends (max epochs, time limit, early stop, and Ctrl-C through
+    :class:`~heatmark.training.engines.LandmarkTrainer`) and the last epoch was not validated, so the
+    final, lowest-learning-rate weights are evaluated and can become the best model (the validator's
+    own checkpoint handler keeps the best). Attach to the trainer after the ``ValidationHandler``."""
 
     def __init__(self, validator: Engine):
         self.validator = validator
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+        engine.state.final_validation = self  # what LandmarkTrainer runs after Ctrl-C
 
     def __call__(self, engine: Engine) -> None:
         epoch = int(engine.state.epoch)
