@@ -174,3 +174,14 @@ def test_every_package_is_distributed():
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
     assert packages <= listed, f"missing from pyproject.toml packages: {sorted(packages - listed)}"
     assert "heatmark.configs" in listed  # the shipped bundle configs (package data)
+
+
+def test_no_module_is_git_ignored():
+    """A module that .gitignore hides exists here but not in a fresh clone (it happened: `data/`)."""
+    import subprocess
+
+    paths = [str(p.relative_to(REPO_ROOT)) for p in MODULES.values()]
+    paths += [str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "pipeline" / "configs").iterdir()]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.stdout.strip() == "", f"ignored by .gitignore: {proc.stdout.split()}"
