@@ -11,6 +11,8 @@ size (``D`` values).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -237,6 +239,36 @@ class HeatmapNetwork(nn.Module):
             Output voxel ``j`` is centred on input voxel ``j * s + (s - 1) / 2``: the convention of
             :func:`heatmark.core.geometry.output_to_input_voxels`, used by decoding and the loss.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass records the arguments it was built with (``init_arguments``)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_records_arguments", False):
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            init(self, *args, **kw)
+            arguments: dict[str, Any] = {}  # the outermost __init__ finishes last: its arguments stay
+            for name, value in list(bound.arguments.items())[1:]:
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                elif signature.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+                    arguments[name] = value
+            object.__setattr__(self, "_init_arguments", arguments)
+
+        __init__._records_arguments = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    @property
+    def init_arguments(self) -> dict[str, Any]:
+        """The keyword arguments the network was built with, defaults included: with the class
+        (``_target_``) they rebuild it (the description a model file stores)."""
+        return dict(getattr(self, "_init_arguments", {}))
 
     def __init__(self, spatial_dims: int, in_channels: int, num_landmarks: int) -> None:
         super().__init__()

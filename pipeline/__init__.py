@@ -20,10 +20,22 @@ Layers, each importing only the ones above it (``tests/test_architecture.py`` ch
 ARCHITECTURE.md at the repository root follows one landmark from file to ``landmarks.csv``.
 """
 
+import importlib
+
 from heatmark import _compat
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_model", "LandmarkModel", "Prediction"]
 
 _compat.install()
+
+_API = ("load_model", "LandmarkModel", "Prediction")
+
+
+def __getattr__(name: str):
+    """``heatmark.load_model`` & co. (:mod:`heatmark.predict.api`), imported on first use."""
+    if name in _API:
+        # importing heatmark.predict.api here, not above: `import heatmark` must not import torch
+        return getattr(importlib.import_module("heatmark.predict.api"), name)
+    raise AttributeError(f"module 'heatmark' has no attribute {name!r}")

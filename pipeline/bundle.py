@@ -207,6 +207,7 @@ def run_bundle(bundle: str | os.PathLike, workflow: str = "training", overlays: 
     root = check_bundle(bundle)
     files = bundle_config_files(root, workflow, overlays)
     kwargs: dict[str, Any] = {"tracking": tracking} if tracking else {}
+    overrides.setdefault("config_files", [str(f) for f in files])  # recorded in the model file
     return monai_run(run_id=WORKFLOWS[workflow][0], bundle_root=str(root),
                      meta_file=str(root / "configs" / "metadata.json"), config_file=[str(f) for f in files],
                      logging_file=str(_logging_file(root)), **kwargs, **overrides)

@@ -54,6 +54,8 @@ def trained(tmp_path_factory):
 def test_training_writes_model_checkpoint_and_validation_report(trained):
     bundle = trained["bundle"]
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert state["format"] == "heatmark-model", "models/model.pt is a self-describing model file"
+    state = state["state_dict"]
     assert any(k.endswith(".weight") for k in state), "models/model.pt holds the network's state_dict"
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
     assert len(ckpts) == 2  # the newest two: resume falls back to the older if the newest is damaged

@@ -39,6 +39,8 @@ def test_training_writes_model_checkpoint_and_validation_report(trained):
     model = bundle / "models" / "model.pt"
     assert model.is_file()
     state = torch.load(model, weights_only=True)
+    assert state["format"] == "heatmark-model" and state["description"]["spacing_mm"] == 3.0, "self-describing"
+    state = state["state_dict"]
     assert any(k.endswith(".weight") for k in state), "models/model.pt holds the network's state_dict"
     ckpts = list((bundle / "runs" / "checkpoints").glob("checkpoint*.pt"))
     assert len(ckpts) == 2  # the newest two: resume falls back to the older if the newest is damaged

@@ -125,6 +125,7 @@ from heatmark.predict.options import (
 )
 from heatmark.predict.runner import AGGREGATE_INTERVAL_S, run_predict
 from heatmark.predict.store import STATE_DIR, STATE_VERSION
+from heatmark.predict.api import LandmarkModel, Prediction, load_model
 from heatmark.transforms.io import has_dicom_marker  # noqa: F401 - was heatmark.predict.has_dicom_marker
 
 __all__ = [
@@ -144,6 +145,9 @@ __all__ = [
     "find_inputs",
     "assign_case_names",
     "load_bundle",
+    "load_model",
+    "LandmarkModel",
+    "Prediction",
     "LoadedBundle",
     "FORMATS",
     "DEFAULT_FORMATS",

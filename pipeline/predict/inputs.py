@@ -31,7 +31,7 @@ from heatmark.predict.errors import PredictUsageError
 from heatmark.transforms.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, has_dicom_marker, image_suffix, is_companion_file
 
 __all__ = ["IMAGE_SUFFIXES", "LIST_SUFFIXES", "STATE_DIR", "CASE_FILE_SUFFIXES", "CASE_FILE_KINDS",
-           "find_inputs", "assign_case_names", "is_case_name", "case_file_name", "case_file_names",
+           "check_input", "find_inputs", "assign_case_names", "is_case_name", "case_file_name", "case_file_names",
            "parse_case_file_name"]
 
 #: Endings of a file listing the inputs.
@@ -108,6 +108,21 @@ def _inside(path: Path, folders: Sequence[Path]) -> bool:
     return any(path == f or f in path.parents for f in folders)
 
 
+def check_input(source: str | os.PathLike) -> Path:
+    """``source`` as a Path, after checking it exists (``input not found: ...`` otherwise)."""
+    src = Path(os.path.expanduser(os.fspath(source)))
+    if not src.exists():
+        if src.is_symlink():
+            try:
+                os.stat(src)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise PredictUsageError(f"input not found: {src} is a symbolic link loop") from None
+            raise PredictUsageError(f"input not found: {src} is a broken symbolic link (to {os.readlink(src)})")
+        raise PredictUsageError(f"input not found: {src}")
+    return src
+
+
 def find_inputs(source: str | os.PathLike, recursive: bool = False, pattern: str | None = None,
                 spatial_dims: int | None = None, exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """The images named by ``source`` (a file, a folder or a ``.txt``/``.lst`` list), in order.
@@ -121,16 +136,7 @@ def find_inputs(source: str | os.PathLike, recursive: bool = False, pattern: str
     Raises:
         PredictUsageError: ``source`` does not exist, or names no inputs.
     """
-    src = Path(os.path.expanduser(os.fspath(source)))
-    if not src.exists():
-        if src.is_symlink():
-            try:
-                os.stat(src)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise PredictUsageError(f"input not found: {src} is a symbolic link loop") from None
-            raise PredictUsageError(f"input not found: {src} is a broken symbolic link (to {os.readlink(src)})")
-        raise PredictUsageError(f"input not found: {src}")
+    src = check_input(source)
     if src.is_file():
         found = _read_list(src) if src.name.lower().endswith(LIST_SUFFIXES) else [src]
     elif src.is_dir():

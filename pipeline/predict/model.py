@@ -18,6 +18,7 @@ whose :class:`~heatmark.predict.checks.CheckImaged` goes into the preprocessing 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from heatmark.evaluation.metrics import measure
 from heatmark.predict.checks import CheckImaged, ImageChecks
 from heatmark.predict.errors import PredictUsageError, describe
 from heatmark.predict.options import PredictOptions
+from heatmark.training.model_file import check_definition, network_definition, plain, read_model_file
 from heatmark.training.precision import choose_precision
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
@@ -101,17 +103,6 @@ def resolve_device(name: str) -> torch.device:
             return device
         raise PredictUsageError(f"--device {name}: not available")
     return device
-
-
-def _state_dict(obj: Any) -> Mapping[str, Any]:
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-        for key in ("model", "network", "state_dict", "net"):
-            if isinstance(obj.get(key), Mapping):
-                return _state_dict(obj[key])
-    raise ValueError("it holds no network state_dict (expected a dict of tensors, or one under "
-                     "'model'/'network'/'state_dict')")
 
 
 def _configs_sha256(files: Sequence[Path]) -> str:
@@ -193,6 +184,60 @@ def _with_checks(preprocessing: Callable, loader: Any, check: CheckImaged) -> Ca
                    log_stats=preprocessing.log_stats, lazy=preprocessing.lazy, overrides=preprocessing.overrides)
 
 
+#: config keys a model file's description fixes (the network_def aside)
+DESCRIBED_KEYS = ("spatial_dims", "landmark_names", "spacing_mm", "input_size", "decode_method")
+
+
+def _overlay_keys(overlays: Sequence[Path]) -> set[str]:
+    """The top-level keys the explicitly given overlays set (``network_def#filters`` -> ``network_def``)."""
+    keys: set[str] = set()
+    for f in overlays:
+        try:
+            content = ConfigParser.load_config_file(str(f))
+        except Exception:  # noqa: BLE001 - read_config reported a broken file already
+            continue
+        keys.update(str(k).split("#", 1)[0] for k in (content or {}))
+    return keys
+
+
+def _show(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, list) and len(value) <= 3 and all(
+        isinstance(v, (int, float)) for v in value) else str(value)
+
+
+def _apply_description(parser: ConfigParser, description: Mapping[str, Any], overlays: Sequence[Path],
+                       model: Path, get: Callable) -> None:
+    """Make ``parser`` build what the model file describes: its network and input grid. A key the
+    explicitly given overlays set to another value is refused, naming the key."""
+    given = _overlay_keys(overlays)
+    described = {k: description[k] for k in DESCRIBED_KEYS if description.get(k) is not None}
+    for key, value in described.items():
+        if key in given:
+            configured = plain(get(key), key)
+            if configured != value:
+                raise PredictUsageError(f"{model.name} was trained with {key} {_show(value)}, the configs say "
+                                        f"{_show(configured)} (leave out the --config, or pass the one it was "
+                                        "trained with)")
+    definition = description.get("network")
+    if isinstance(definition, Mapping):
+        try:
+            definition = check_definition(definition)
+        except ValueError as e:
+            raise PredictUsageError(f"cannot load the model {model}: {e}") from None
+        if "network_def" in given:
+            configured = network_definition(get("network_def"))
+            if configured is not None and configured != definition:
+                key = next(k for k in sorted(set(configured) | set(definition))
+                           if configured.get(k, ...) != definition.get(k, ...))
+                raise PredictUsageError(
+                    f"{model.name} was trained with network_def#{key} {definition.get(key, '(unset)')}, the "
+                    f"configs say {configured.get(key, '(unset)')} (leave out the --config, or pass the one "
+                    "it was trained with)")
+        parser["network_def"] = copy.deepcopy(definition)
+    for key, value in described.items():
+        parser[key] = copy.deepcopy(value)
+
+
 def load_bundle(opts: PredictOptions) -> LoadedBundle:
     """Build what prediction needs from the bundle ``opts.bundle``; see the module documentation.
 
@@ -209,6 +254,16 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
             return parser.get_parsed_content(key)
         except Exception as e:  # noqa: BLE001
             raise PredictUsageError(f"bundle {bundle}: cannot build {key!r}{what}: {describe(e)}") from None
+
+    model = Path(os.path.expanduser(os.fspath(opts.model))) if opts.model else Path(get("ckpt_path"))
+    if not model.is_file():
+        raise PredictUsageError(f"model not found: {model} (train the bundle first, or pass --model PATH)")
+    try:
+        state, description = read_model_file(model)
+    except Exception as e:  # noqa: BLE001
+        raise PredictUsageError(f"cannot load the model {model}: {describe(e).splitlines()[0][:300]}") from None
+    if description is not None:
+        _apply_description(parser, description, files[len(files) - len(opts.configs):], model, get)
 
     names = [str(n) for n in get("landmark_names")]
     spatial_dims = int(get("spatial_dims"))
@@ -227,11 +282,7 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
     except (ValueError, KeyError, TypeError) as e:
         raise PredictUsageError(f"bundle {bundle}: bad `measurements`: {e}") from None
 
-    model = Path(os.path.expanduser(os.fspath(opts.model))) if opts.model else Path(get("ckpt_path"))
-    if not model.is_file():
-        raise PredictUsageError(f"model not found: {model} (train the bundle first, or pass --model PATH)")
     try:
-        state = _state_dict(torch.load(model, map_location="cpu", weights_only=True))
         network.load_state_dict(state)
     except Exception as e:  # noqa: BLE001
         raise PredictUsageError(f"cannot load the model {model} into the bundle's network_def: "

@@ -36,7 +36,7 @@ from heatmark.predict.checks import refuse_outside
 from heatmark.predict.dataset import CaseDataset, collate, die_with_parent
 from heatmark.predict.errors import PredictOutputError, PredictUsageError, describe, writing
 from heatmark.predict.export import TABLES, case_files, write_case, write_tables
-from heatmark.predict.inputs import STATE_DIR, assign_case_names, find_inputs
+from heatmark.predict.inputs import STATE_DIR, assign_case_names, check_input, find_inputs
 from heatmark.predict.model import LoadedBundle, load_bundle
 from heatmark.predict.options import PredictOptions, PredictSummary, check_options
 from heatmark.predict.store import CaseStore, check_inside, check_run_file, remove_debris, write_run_file
@@ -139,7 +139,7 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
     out = Path(os.path.realpath(os.path.expanduser(os.fspath(opts.output))))  # resolved once
     if out.exists() and not out.is_dir():
         raise PredictUsageError(f"OUTPUT exists and is not a folder: {out}")
-    src = Path(os.path.expanduser(os.fspath(opts.input)))
+    src = check_input(opts.input)  # before the model: a missing INPUT is named as such
     if src.is_dir() and os.path.realpath(src) == str(out):
         raise PredictUsageError("OUTPUT must not be the INPUT folder")
     bundle = load_bundle(opts)

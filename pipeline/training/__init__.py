@@ -11,6 +11,7 @@ from heatmark.training.engines import (
     NonFiniteError,
     autocast_context,
 )
+from heatmark.training.model_file import ModelFileLoader, build_network, model_description, read_model_file
 from heatmark.training.handlers import EarlyStopping, FinalValidation, TimeCosineLR, TimeLimit
 from heatmark.training.precision import Precision, choose_precision, cpu_info
 from heatmark.training.losses import HeatmapLoss
@@ -26,12 +27,16 @@ __all__ = [
     "LandmarkPrepareBatch",
     "LandmarkTrainer",
     "MLflowExtrasHandler",
+    "ModelFileLoader",
     "NonFiniteError",
     "Precision",
     "TimeCosineLR",
     "TimeLimit",
     "TrainingCheckpoint",
     "autocast_context",
+    "build_network",
+    "model_description",
+    "read_model_file",
     "choose_precision",
     "cpu_info",
     "latest_checkpoint",

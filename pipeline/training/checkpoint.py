@@ -26,6 +26,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from heatmark.core.fileio import TMP_PREFIX, atomic_path, atomic_write_text
+from heatmark.training.model_file import model_file_payload
 
 __all__ = ["latest_checkpoint", "AtomicDiskSaver", "AtomicCheckpointSaver", "TrainingCheckpoint", "CheckpointError",
            "remove_temporary_files"]
@@ -138,12 +139,16 @@ class AtomicDiskSaver(BaseSaveHandler):
     *before* the new file is written) does nothing: the new file replaces the old one atomically, so
     the previous file stays until then, and stays if the write fails."""
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None):
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None,
+                 description: Mapping[str, Any] | None = None):
         self.dirname = Path(dirname)
         self.filename = filename
+        self.description = description
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         path = self.dirname / (self.filename or filename)
+        if self.description is not None:  # a self-describing model file (heatmark.training.model_file)
+            checkpoint = model_file_payload(checkpoint, self.description)
         try:
             with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
@@ -165,16 +170,24 @@ class AtomicCheckpointSaver(CheckpointSaver):
     killed at any moment leaves either the previous checkpoint or the new one, never half of one.
     Attaching it (when the bundle builds the evaluator, before training starts) removes the temporary
     files that saves killed midway left in ``save_dir`` (see :func:`remove_temporary_files`). A
-    save that fails raises :class:`CheckpointError` and keeps the previous file."""
+    save that fails raises :class:`CheckpointError` and keeps the previous file.
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    With ``description`` (:func:`heatmark.training.model_file.model_description`) and a
+    ``save_dict`` of one network, the final and key-metric files are self-describing model files
+    (:func:`~heatmark.training.model_file.model_file_payload`): the weights under ``state_dict``
+    beside the description."""
+
+    def __init__(self, *args: Any, description: Mapping[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        for attr, fixed in (("_final_checkpoint", self._final_filename),
-                            ("_key_metric_checkpoint", kwargs.get("key_metric_filename")),
-                            ("_interval_checkpoint", None)):
+        save_dict = kwargs.get("save_dict", args[1] if len(args) > 1 else {})
+        if description is not None and len(save_dict) != 1:
+            raise ValueError("a model description needs a save_dict of exactly one network")
+        for attr, fixed, describe in (("_final_checkpoint", self._final_filename, description),
+                                      ("_key_metric_checkpoint", kwargs.get("key_metric_filename"), description),
+                                      ("_interval_checkpoint", None, None)):
             ckpt = getattr(self, attr)
             if ckpt is not None:
-                ckpt.save_handler = AtomicDiskSaver(self.save_dir, fixed)
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, fixed, describe)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
