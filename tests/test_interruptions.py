@@ -22,10 +22,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from conftest import ENV, REPO_ROOT, bundle_cmd, bundle_parser, require_shared_data, run
-from heatmark.training import TrainingCheckpoint, latest_checkpoint
 from heatmark.core.fileio import TMP_PREFIX
+from heatmark.training import TrainingCheckpoint, latest_checkpoint
+from heatmark.training.model_file import read_model_file
 from test_predict import TINY_SCN, image, make_bundle, save_nifti
 
 BUNDLE = REPO_ROOT / "bundles" / "isbi2015_cephalometric"
@@ -117,7 +117,8 @@ def test_training_interrupted_then_killed_then_resumed(tmp_path):
     final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] == EPOCHS * ITERS_PER_EPOCH and final["epoch_length"] == ITERS_PER_EPOCH
     assert not list(ckpt_dir.glob(TMP_PREFIX + "*"))
-    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    state, description = read_model_file(bundle / "models" / "model.pt")
+    assert description is not None and description["landmark_names"][0] == "sella"
     net = bundle_parser(bundle, "training", ["smoke.yaml"]).get_parsed_content("network_def")
     net.load_state_dict(state)
     with torch.no_grad():
@@ -257,10 +258,9 @@ class _Net(torch.nn.Module):
 
 
 def _trainer(tmp_path, nan_iterations, tracking=True, epochs=3):
-    from monai.handlers import MLFlowHandler
-
     from heatmark.training import LandmarkPrepareBatch, LandmarkTrainer
     from heatmark.training.tracking import MLflowExtrasHandler
+    from monai.handlers import MLFlowHandler
 
     torch.manual_seed(0)
     net = _Net()
