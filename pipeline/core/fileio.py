@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import math
@@ -17,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "sha256_file", "safe_case_name", "csv_cell", "csv_text",
+__all__ = ["atomic_path", "atomic_write_text", "sha256_file", "missing_path_reason", "safe_case_name", "csv_cell", "csv_text",
            "TMP_PREFIX"]
 
 #: Prefix of the temporary files; anything starting with it in an output folder is debris of an
@@ -66,6 +67,21 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding=encoding, newline="") as f:
             f.write(text)
+
+
+def missing_path_reason(path: str | os.PathLike) -> str:
+    """Why an existing-looking ``path`` cannot be opened, for messages: ``"it is a symbolic link loop
+    (the links point at each other)"``, ``"it is a broken symbolic link (its target '...' does not
+    exist)"``, or ``"it does not exist"``."""
+    p = Path(path)
+    if p.is_symlink():
+        try:
+            os.stat(p)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "it is a symbolic link loop (the links point at each other)"
+        return f"it is a broken symbolic link (its target '{os.readlink(p)}' does not exist)"
+    return "it does not exist"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

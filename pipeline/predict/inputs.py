@@ -19,16 +19,21 @@ cases can ever name the same file (:func:`parse_case_file_name` reads it back), 
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from heatmark.core.fileio import safe_case_name
+from heatmark.core.fileio import missing_path_reason, safe_case_name
 from heatmark.predict.errors import PredictUsageError
-from heatmark.transforms.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, has_dicom_marker, image_suffix, is_companion_file
+from heatmark.transforms.io import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    has_dicom_marker,
+    image_suffix,
+    is_companion_file,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "LIST_SUFFIXES", "STATE_DIR", "CASE_FILE_SUFFIXES", "CASE_FILE_KINDS",
            "check_input", "find_inputs", "assign_case_names", "is_case_name", "case_file_name", "case_file_names",
@@ -112,14 +117,8 @@ def check_input(source: str | os.PathLike) -> Path:
     """``source`` as a Path, after checking it exists (``input not found: ...`` otherwise)."""
     src = Path(os.path.expanduser(os.fspath(source)))
     if not src.exists():
-        if src.is_symlink():
-            try:
-                os.stat(src)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise PredictUsageError(f"input not found: {src} is a symbolic link loop") from None
-            raise PredictUsageError(f"input not found: {src} is a broken symbolic link (to {os.readlink(src)})")
-        raise PredictUsageError(f"input not found: {src}")
+        reason = "" if not src.is_symlink() else f": {missing_path_reason(src)}"
+        raise PredictUsageError(f"input not found: {src}{reason}")
     return src
 
 

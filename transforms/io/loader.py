@@ -74,7 +74,6 @@ the tag and the value.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import warnings
@@ -84,13 +83,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from heatmark.core.fileio import missing_path_reason
+from heatmark.transforms.io.base import (
+    LUMA,
+    MAX_VOXELS,
+    ImageData,
+    ImageLoadError,
+    ImageReader,
+    describe,
+    fmt,
+    read_failed,
+)
+from heatmark.transforms.io.registry import reader_for
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import get_equivalent_dtype
-
-from heatmark.transforms.io.base import LUMA, MAX_VOXELS, ImageData, ImageLoadError, ImageReader, describe, fmt, read_failed
-from heatmark.transforms.io.registry import reader_for
 
 __all__ = ["LoadLandmarkImage", "LoadLandmarkImaged"]
 
@@ -234,13 +242,7 @@ class LoadLandmarkImage(Transform):
         """Refuse a missing, unreadable, empty or special path before choosing a reader."""
         if not path.exists():
             if path.is_symlink():
-                try:
-                    os.stat(path)
-                except OSError as e:
-                    if e.errno == errno.ELOOP:
-                        raise ImageLoadError(path, "it is a symbolic link loop (the links point at each other)") from None
-                target = os.readlink(path)
-                raise ImageLoadError(path, f"it is a broken symbolic link (its target '{target}' does not exist)")
+                raise ImageLoadError(path, missing_path_reason(path))
             parent = path.parent
             hint = "" if parent.is_dir() else f" (the folder '{parent}' does not exist either)"
             raise ImageLoadError(path, f"the file does not exist{hint}")
