@@ -2,7 +2,7 @@
 #   make setup                 create .venv with torch pinned, install heatmark (editable) + dev extras
 #   make demo                  setup, then `heatmark demo`: fetch AFIDs MR data, train a 3D model on CPU
 #                              (about 10 minutes on 2 cores; faster on a GPU), evaluate, predict
-#   make test                  setup, then run the test suite
+#   make test                  setup, then run the test suite (one process per core: TEST_WORKERS=1 for one)
 #   make bench                 setup, then the speed/memory benchmarks in bench/ (about 15 min on 2 cores)
 #   make bench-isbi            setup, then the ISBI 2015 accuracy runs of the README (about 100 min on 2 cores)
 # Override the torch pin:      make test TORCH=torch==2.9.1
@@ -17,6 +17,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.heatmark-setup
 CONSTRAINTS := $(VENV)/constraints.txt
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; one torch thread each, whole test files per process): auto = one per CPU core
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test bench bench-isbi clean
 DEMO_ARGS ?=
@@ -36,7 +38,7 @@ demo: setup
 	$(PY) -m heatmark demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/heatmaps.py

@@ -9,9 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one test process per core (pytest-xdist): one OpenMP thread each, set before
+    # torch is imported; several spinning OpenMP threads per process on 2 cores slow all of them down
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch
+from heatmark.bundle import bundle_command, bundle_config_files
 from monai.bundle import ConfigParser
 
-from heatmark.bundle import bundle_command, bundle_config_files
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
