@@ -12,6 +12,11 @@ same) on this machine and is evaluated on all 150 test1 images with the same sta
                     Downsampling-Net, same width).
 - ``scn_10``, ``unet_10``: SCN and U-Net trained on only 10 training images (+2 for model
                     selection), the robustness comparison of Payer et al. 2016 (outliers > 4 mm).
+- ``cascade``:      the coarse-to-fine cascade at the same total budget: stage 1 = ``scn`` (cpu.yaml,
+                    1 mm) for ``--cascade-share`` of the minutes, stage 2 = 0.4 mm patches of the original
+                    images (``cascade.yaml`` + ``cpu_cascade.yaml``) for the rest; scored on test1 through
+                    ``heatmark predict`` (both stages) and ``heatmark evaluate``; its stage 1 alone is
+                    reported too (``run evaluating``), so the table shows what the fine stage adds.
 - ``scn_full``:     the bundle's full settings (``train.yaml`` alone: 0.75 mm, 128-filter SCN,
                     100 epochs); meant for a GPU, not run unless asked for.
 
@@ -54,7 +59,8 @@ from heatmark.bundle import bundle_command
 from heatmark.core.geometry import voxel_to_world, world_to_voxel
 from heatmark.data import split_datalist
 from heatmark.core.fileio import atomic_write_text as atomic_write
-from heatmark.landmarks import read_landmark_table
+from heatmark.evaluation.evaluate import evaluate_tables
+from heatmark.landmarks import read_landmark_table, write_landmark_table
 from heatmark.evaluation.metrics import point_errors, summarize
 
 BUNDLE = REPO / "bundles" / "isbi2015_cephalometric"
@@ -76,16 +82,23 @@ RUNS: dict[str, dict] = {
     "downsampling": {"label": "heatmark pipeline, Downsampling-Net", "network": "downsampling"},
     "scn_10": {"label": "heatmark SCN 2019, 10 training images", "train_cases": 10},
     "unet_10": {"label": "heatmark pipeline, U-Net, 10 training images", "network": "unet", "train_cases": 10},
+    "cascade": {"label": "heatmark cascade: cpu.yaml + 0.4 mm patches (cpu_cascade.yaml)", "cascade": True},
     "scn_full": {"label": "heatmark SCN 2019, full settings (train.yaml)", "full": True},
 }
-DEFAULT_RUNS = ["scn", "baseline", "unet", "downsampling", "scn_10", "unet_10"]
+DEFAULT_RUNS = ["scn", "cascade", "baseline", "unet", "downsampling", "scn_10", "unet_10"]
+#: the cascade run's overlays after cpu.yaml
+CASCADE_OVERLAYS = ["cascade.yaml", "cpu_cascade.yaml"]
 
 
 # ---- heatmark runs: the bundle, trained and evaluated by `python -m monai.bundle run` -------------------
 
-def _overlay(spec: dict, width: int) -> str:
-    """A YAML overlay (JSON is YAML) for a run's network and training cases."""
+def _overlay(spec: dict, width: int, test_cases: int = 0) -> str:
+    """A YAML overlay (JSON is YAML) for a run's network and training cases (and, with
+    ``test_cases``, only the first that many test1 images: a quick check that the run works)."""
     o: dict = {}
+    if test_cases:
+        o["eval_datalist"] = (f"$heatmark.data.datalist_from_table(@dataset_dir + '/images', @landmarks_file, "
+                              f"@eval_cases)[:{int(test_cases)}]")
     if "network" in spec:
         o["network_def"] = {**_NET[spec["network"]], "spatial_dims": "@spatial_dims", "in_channels": 1,
                             "num_landmarks": "@num_landmarks", "filters": width}
@@ -98,14 +111,19 @@ def _overlay(spec: dict, width: int) -> str:
     return json.dumps(o, indent=1)
 
 
-def run_bundle(name: str, spec: dict, data_dir: Path, root: Path, minutes: float, width: int) -> dict:
+def run_bundle(name: str, spec: dict, data_dir: Path, root: Path, minutes: float, width: int,
+               cascade_share: float = 0.5, test_cases: int = 0) -> dict:
     """Train and evaluate one bundle run in the folder ``root`` (its ``bundle_root``)."""
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "overlay.yaml"
-    atomic_write(overlay, _overlay(spec, width))
-    overlays = ([] if spec.get("full") else ["cpu.yaml"]) + [overlay]
+    atomic_write(overlay, _overlay(spec, width, test_cases))
+    cascade = spec.get("cascade", False)
+    overlays = ([] if spec.get("full") else ["cpu.yaml"]) + (CASCADE_OVERLAYS if cascade else []) + [overlay]
     common = {"bundle_root": root, "dataset_dir": data_dir}
     train_args = {} if spec.get("full") else {"time_limit_minutes": minutes}
+    if cascade:  # the same total budget, split between the two stages
+        train_args = {"time_limit_minutes": minutes * cascade_share,
+                      "fine_time_limit_minutes": minutes * (1.0 - cascade_share)}
     log = root / "train.log"
     print(f"[{name}] training ({'full settings' if spec.get('full') else f'{minutes:g} min budget'}), "
           f"log: {log}", flush=True)
@@ -121,7 +139,41 @@ def run_bundle(name: str, spec: dict, data_dir: Path, root: Path, minutes: float
         subprocess.run(bundle_command(BUNDLE, "evaluating", overlays, **common),
                        stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     metrics = json.loads((root / "runs" / "eval" / "metrics.json").read_text())
-    return {"metrics": metrics, "train_minutes": train_s / 60, "epochs": epochs}
+    if not cascade:
+        return {"metrics": metrics, "train_minutes": train_s / 60, "epochs": epochs}
+    print(f"[{name}] heatmark predict (both stages) on test1, then heatmark evaluate", flush=True)
+    return {"metrics": evaluate_cascade(root, data_dir, [*overlays[:-1], overlay], test_cases),
+            "coarse_metrics": metrics, "train_minutes": train_s / 60, "epochs": epochs,
+            "cascade_share": cascade_share}
+
+
+def evaluate_cascade(root: Path, data_dir: Path, overlays: list, test_cases: int = 0) -> dict:
+    """The cascade of the bundle trained in ``root`` on test1: ``heatmark predict`` over the images
+    (stage 1, then stage 2 per landmark), ``heatmark evaluate`` against the truth; files in
+    ``root/cascade_eval``. Returns its metrics."""
+    cases = [c for c in (data_dir / "splits" / "test1.txt").read_text().split() if c]
+    cases = cases[:test_cases] if test_cases else cases
+    images = {p.name.split(".")[0]: p for p in (data_dir / "images").iterdir()}
+    listing = root / "test1_images.txt"
+    atomic_write(listing, "".join(f"{images[c]}\n" for c in cases))
+    truth_all = read_landmark_table(data_dir / "landmarks.csv")
+    truth = root / "test1_truth.csv"
+    write_landmark_table(truth, {c: truth_all[c] for c in cases})
+    bundle = root / "bundle"
+    if not bundle.exists():  # the configs beside the run's models (bundle_root = root)
+        bundle.mkdir()
+        (bundle / "configs").symlink_to(BUNDLE / "configs")
+        (bundle / "models").symlink_to(root / "models")
+    pred = root / "cascade_predictions"
+    cmd = [sys.executable, "-m", "heatmark", "predict", str(bundle), str(listing), str(pred), "--quiet",
+           "--overwrite", "--num-workers", "0"]
+    for o in overlays:
+        cmd += ["--config", str(o)]
+    with open(root / "predict.log", "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+    result = evaluate_tables(pred / "landmarks.csv", truth, root / "cascade_eval")
+    return json.loads((root / "cascade_eval" / "metrics.json").read_text()) if (
+        root / "cascade_eval" / "metrics.json").is_file() else dict(result.summary)
 
 
 # ---- the MONAI baseline: no heatmark in the model, the targets or the decoding ---------------------------
@@ -270,6 +322,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "isbi2015")
     ap.add_argument("--rerun", action="store_true", help="repeat runs whose result.json exists")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--cascade-share", type=float, default=0.5,
+                    help="share of --minutes for the cascade's stage 1 (the rest trains stage 2; default 0.5)")
+    ap.add_argument("--test-cases", type=int, default=0,
+                    help="score only the first N test1 images (a quick check that a run works; default all 150)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -289,7 +345,8 @@ def main() -> None:
             if name == "baseline":
                 res = train_monai_baseline(data_dir, root, args.minutes, target_scale=args.baseline_target_scale)
             else:
-                res = run_bundle(name, RUNS[name], data_dir, root, args.minutes, args.width)
+                res = run_bundle(name, RUNS[name], data_dir, root, args.minutes, args.width, args.cascade_share,
+                                 args.test_cases)
         except (subprocess.CalledProcessError, RuntimeError) as e:  # one failed run does not stop the others
             print(f"[{name}] FAILED: {e} (see {root})", flush=True)
             continue
@@ -307,13 +364,16 @@ def main() -> None:
                      key=lambda r: (order.get(r["run"], len(order)), r["budget_minutes"] or math.inf))
     for r in results:
         rows.append(row(f"{r['label']}, {_budget(r)}", r["metrics"], r))
+        if "coarse_metrics" in r:  # the cascade's stage 1 alone: what the fine stage adds
+            rows.append(row(f"{r['label']}, its stage 1 alone ({r['cascade_share']:.0%} of the budget)",
+                            r["coarse_metrics"], r))
     print()
     print(f"{hw}; {datetime.date.today().isoformat()}; results in {args.out}")
     print(table(COLUMNS, rows))
     print("\nlandmarks that failed on >= 90% of the test images (error > 10 mm), and the statistics without them:")
     frows = []
     for r in results:
-        f = r["dir"] / "runs" / "eval" / "point_errors.csv"
+        f = r["dir"] / ("cascade_eval" if "coarse_metrics" in r else "runs/eval") / "point_errors.csv"
         if not f.is_file():
             continue
         by_name: dict[str, list[float]] = {}
@@ -321,7 +381,11 @@ def main() -> None:
             for p in csv.DictReader(fh):
                 by_name.setdefault(p["name"], []).append(float(p["error_mm"]) if p["error_mm"] else math.nan)
         failed = [n for n, e in by_name.items() if np.mean(np.asarray(e) > 10.0) >= 0.9]
-        m = summarize(np.array([e for n, e in by_name.items() if n not in failed]))  # (landmarks, cases)
+        kept = [e for n, e in by_name.items() if n not in failed]
+        if not kept:  # every landmark failed (e.g. a seconds-long check run)
+            frows.append([f"{r['label']}, {_budget(r)}", "all", "-", "-", "-"])
+            continue
+        m = summarize(np.array(kept))  # (landmarks, cases)
         frows.append([f"{r['label']}, {_budget(r)}", ", ".join(failed) or "none", _f(m["mean"]),
                       _f(m["outliers_pct_4mm"], 1), _f(m["outliers_pct_10mm"], 2)])
     print(table(["run", "failed landmarks", "MRE mm, others", "> 4 mm %, others", "> 10 mm %, others"], frows))

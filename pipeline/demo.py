@@ -1,10 +1,12 @@
 """``heatmark demo``: the whole tool on real data in one command.
 
 3D (default): fetch the AFIDs brain MR template and its 32 expert landmarks the way a user would
-(``heatmark data afids``), train the ``afids_brain_mr`` bundle with its CPU overlay for a bounded
-time (MLflow-tracked), evaluate it on held-out deformations of the template, write a few more
-held-out deformed volumes to disk as NIfTI files, run ``heatmark predict`` over that folder, and
-compare the predictions with the known landmark positions (``heatmark evaluate``).
+(``heatmark data afids``), train the ``afids_brain_mr`` bundle's coarse-to-fine cascade with its CPU
+overlays (``cpu.yaml``, ``cascade.yaml``, ``cpu_cascade.yaml``: a 4 mm whole-head stage, then 1 mm
+patches) for a bounded time (MLflow-tracked), evaluate the coarse stage on held-out deformations of
+the template, write a few more held-out deformed volumes to disk as NIfTI files at the template's
+1 mm, run ``heatmark predict`` (both stages) over that folder, and compare the predictions with the
+known landmark positions (``heatmark evaluate``).
 
 Everything lands in one output folder; the bundle configs are copied there so that the trained
 model, checkpoints and the MLflow store stay out of the repository.
@@ -127,11 +129,18 @@ def _print_table(per_landmark: list[dict], summary: dict) -> None:
     print(f"SDR (error <= r): {sdr}")
 
 
+#: the cascade overlays after the main overlay (3D): heatmark's and the bundle's cascade.yaml, the CPU sizes
+CASCADE_OVERLAYS = ("cascade.yaml", "cpu_cascade.yaml")
+
+
 def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", data: str | None = None,
-             num_cases: int = 3, fresh: bool = False, overlay: str = "cpu.yaml", dims: int = 3) -> int:
+             num_cases: int = 3, fresh: bool = False, overlay: str = "cpu.yaml", dims: int = 3,
+             cascade: Sequence[str] = CASCADE_OVERLAYS) -> int:
     """Run the demo; returns the exit status. ``overlay`` is the bundle overlay used for training,
-    evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``). ``dims=2`` runs the same
-    on the template's mid-sagittal slice with its 10 midline landmarks."""
+    evaluation and prediction (``cpu.yaml``; the tests use ``smoke.yaml``), followed in 3D by the
+    ``cascade`` overlays (empty: the single-stage model alone); ``minutes`` is then split evenly
+    between the two stages. ``dims=2`` runs the single-stage model on the template's mid-sagittal
+    slice with its 10 midline landmarks."""
     t0 = time.monotonic()
     out = Path(output).resolve()
     bundle = out / "bundle"
@@ -150,6 +159,10 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
         print(f"2D: mid-sagittal slice and {len(MIDLINE_AFIDS)} midline landmarks in {data_dir}")
     elif dims != 3:
         raise ValueError(f"dims must be 2 or 3, got {dims}")
+    stages = {"time_limit_minutes": float(minutes)}
+    if dims == 3 and cascade:
+        overlays.extend(cascade)
+        stages = {"time_limit_minutes": float(minutes) / 2, "fine_time_limit_minutes": float(minutes) / 2}
 
     src = _bundle_source()
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
@@ -158,10 +171,10 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
 
     _say("2/5 train", f"bundle {BUNDLE_NAME} ({', '.join(overlays)}), {dims}D, at most {minutes:g} min, "
                       "tracked in MLflow")
-    run_bundle(bundle, "training", overlays, tracking="mlflow", dataset_dir=str(data_dir),
-               time_limit_minutes=float(minutes))
+    run_bundle(bundle, "training", overlays, tracking="mlflow", dataset_dir=str(data_dir), **stages)
 
-    _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)")
+    _say("3/5 evaluate", "held-out deformations of the template (fixed seeds, never seen in training)"
+         + (", coarse stage" if len(stages) > 1 else ""))
     run_bundle(bundle, "evaluating", overlays, tracking="mlflow", dataset_dir=str(data_dir))
     eval_metrics = json.loads((bundle / "runs" / "eval" / "metrics.json").read_text())
 
@@ -180,7 +193,8 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     result = evaluate_tables(pred_dir / "landmarks.csv", truth_csv, out / "evaluation")
     _print_table(per_landmark_table(result.errors, result.names), result.summary)
 
-    print(f"\nheld-out evaluation of the bundle ({eval_metrics['n_cases']} deformations): "
+    print(f"\nheld-out evaluation of the {'coarse stage' if len(stages) > 1 else 'bundle'} "
+          f"({eval_metrics['n_cases']} deformations): "
           f"MRE {eval_metrics['mean']:.2f} mm, SDR 4 mm {eval_metrics.get('sdr_4mm', float('nan')):.1f}%")
     print("\noutputs:")
     frame = "slice frame mm" if dims == 2 else "RAS mm"
@@ -189,6 +203,8 @@ def run_demo(minutes: float = 8.0, output: str | os.PathLike = "heatmark-demo", 
     print(f"  overlays:                          {pred_dir}/<case>_overlay.png")
     print(f"  error tables and plots:            {out / 'evaluation'}, {bundle / 'runs' / 'eval'}")
     print(f"  trained model:                     {bundle / 'models' / 'model.pt'}")
+    if len(stages) > 1:
+        print(f"  fine stage (1 mm patches):         {bundle / 'models' / 'model_fine.pt'}")
     print(f"  MLflow UI:                         heatmark ui {bundle / 'runs'}")
     print(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
@@ -205,13 +221,19 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=3, help="held-out volumes for heatmark predict (default 3)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     p.add_argument("--overlay", default="cpu.yaml", help="bundle overlay for the run (default cpu.yaml; smoke.yaml: seconds)")
+    p.add_argument("--single-stage", action="store_true",
+                   help="3D: train the single-stage 4 mm model only (no coarse-to-fine cascade)")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay, args.dims)
+        cascade: tuple[str, ...] = () if args.single_stage else CASCADE_OVERLAYS
+        if args.overlay == "smoke.yaml" and cascade:
+            cascade = ("cascade.yaml", "smoke_cascade.yaml")
+        return run_demo(args.minutes, args.output, args.data, args.cases, args.fresh, args.overlay, args.dims,
+                        cascade)
     except DatasetFetchError as e:
         print(f"heatmark demo: {e}", file=sys.stderr)
         return 1

@@ -13,12 +13,23 @@ from heatmark.landmarks import read_landmark_table, read_landmarks
 
 def test_demo_smoke(afids_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert run_demo(minutes=2, output=out, data=str(afids_dir), num_cases=2, overlay="smoke.yaml") == 0
+    assert run_demo(minutes=2, output=out, data=str(afids_dir), num_cases=2, overlay="smoke.yaml",
+                    cascade=("cascade.yaml", "smoke_cascade.yaml")) == 0
     printed = capsys.readouterr().out
     for text in ("1/5 data", "2/5 train", "3/5 evaluate", "4/5 predict", "5/5 compare", "MRE", "SDR",
                  "heatmark ui", ".mrk.json"):
         assert text in printed
     assert (out / "bundle" / "models" / "model.pt").is_file()
+    assert (out / "bundle" / "models" / "model_fine.pt").is_file()  # the cascade's fine stage, used by predict
+    assert "fine stage" in printed
+    # both stages are tracked in MLflow: the fine stage's run is linked to the coarse one
+    import mlflow  # lazy: only this test reads the MLflow store
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'bundle' / 'runs' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    fine_runs = [r for r in runs if r.data.params.get("cascade_stage") == "fine"]
+    assert len(fine_runs) == 1 and "fine_val_mre" in fine_runs[0].data.metrics
+    assert fine_runs[0].data.params["coarse_run_id"] in {r.info.run_id for r in runs if r is not fine_runs[0]}
     assert (out / "bundle" / "runs" / "mlruns.db").is_file()
     # the held-out volumes are real NIfTI files whose truth sits inside the volume
     truth = read_landmark_table(out / "heldout_volumes" / "truth.csv")
