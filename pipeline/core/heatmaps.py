@@ -12,17 +12,26 @@ The product is separable, so we evaluate ``D`` one-dimensional Gaussians per lan
 float64 for sub-voxel exactness and differentiable in ``sigma``) and write the full tensor once
 with a broadcast product: ``O(N * voxels)`` and one output-sized write, on any device. Points that
 are NaN (missing landmarks) give an all-zero channel.
+
+Shared channels (:class:`ChannelGroups`, the bundle key ``channel_groups``): several landmarks of one
+kind (a left/right pair, vertebrae, teeth) may share one output channel. Their Gaussians are
+rendered as usual and combined by the **maximum** over the channel's landmarks
+(``gaussian_heatmaps(..., channels=...)``), so every peak keeps its height (1, or the gamma scaling)
+where two instances overlap, which a sum would not; a missing instance is an all-zero channel and so
+simply absent from the maximum.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_heatmaps", "broadcast_sigma"]
+__all__ = ["gaussian_heatmaps", "broadcast_sigma", "combine_channels", "ChannelGroup", "ChannelGroups",
+           "GROUP_ORDERS", "ORDER_AXES"]
 
 
 def broadcast_sigma(sigma: torch.Tensor | float | Sequence, batch: int, num: int, dims: int, *,
@@ -79,6 +88,7 @@ def gaussian_heatmaps(
     gamma: float | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
+    channels: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Gaussian heatmaps for a batch of points in voxel units.
 
@@ -93,10 +103,12 @@ def gaussian_heatmaps(
         dtype: dtype of the returned tensor.
         compute_dtype: dtype of the per-axis 1-D Gaussians (float64 keeps sub-voxel positions
             exact; the cost is ``O(N * sum(shape))``, negligible).
+        channels: ``None`` for one channel per point; else ``C`` lists of point indices, the
+            points of each output channel, combined by the maximum (:func:`combine_channels`).
 
     Returns:
         ``(B, N, *spatial_shape)`` (or ``(N, *spatial_shape)`` for unbatched points) on the points'
-        device.
+        device; ``(B, C, *spatial_shape)`` with ``channels``.
     """
     unbatched = points.ndim == 2
     if unbatched:
@@ -156,4 +168,190 @@ def gaussian_heatmaps(
         out = partial * factors[-1]
     else:
         torch.mul(partial, factors[-1], out=out)
+    if channels is not None:
+        out = combine_channels(out, channels)
     return out[0] if unbatched else out
+
+
+def combine_channels(heatmaps: torch.Tensor, channels: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per-landmark heatmaps ``(B, N, *S)`` -> per-channel heatmaps ``(B, C, *S)``: channel ``c`` is the
+    voxel-wise maximum of the landmarks ``channels[c]`` (a one-landmark channel is that landmark's map).
+
+    The maximum keeps each instance's peak height where instances overlap; its gradient goes to the
+    largest of the combined maps (shared evenly on ties), so a learned sigma still trains.
+    """
+    n = heatmaps.shape[1]
+    parts = []
+    for c, members in enumerate(channels):
+        idx = [int(i) for i in members]
+        if not idx or min(idx) < 0 or max(idx) >= n:
+            raise ValueError(f"channel {c} lists landmarks {idx}; expected a non-empty list of indices in [0, {n})")
+        parts.append(heatmaps[:, idx[0]] if len(idx) == 1 else heatmaps[:, idx].amax(dim=1))
+    return torch.stack(parts, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# channel groups: which landmarks share an output channel
+
+#: ``order`` of a shared group: a RAS direction (names listed from the most R/L/A/P/S/I instance on),
+#: or ``"unordered"`` (interchangeable instances, written as ``<group>#<k>``).
+GROUP_ORDERS: tuple[str, ...] = ("R", "L", "A", "P", "S", "I", "unordered")
+#: RAS direction -> (world axis, sign): ``R`` = +x, ``L`` = -x, ``A`` = +y, ``P`` = -y, ``S`` = +z, ``I`` = -z.
+ORDER_AXES: dict[str, tuple[int, int]] = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1),
+                                          "I": (2, -1)}
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """The landmarks of one output channel.
+
+    Attributes:
+        name: the group's name (the landmark's own name for a one-landmark channel).
+        landmarks: indices into the landmark names, in the order the configuration lists them.
+        order: a key of :data:`ORDER_AXES` (the listed names run from the instance farthest in that
+            RAS direction to the nearest), ``"unordered"``, or ``None`` for a one-landmark channel.
+        max_peaks: at most this many peaks are decoded (1 <= max_peaks <= len(landmarks)).
+        min_distance_mm: non-maximum suppression distance between two peaks, world mm.
+        threshold: a peak counts when it is >= threshold x the channel's maximum (a fraction).
+    """
+
+    name: str
+    landmarks: tuple[int, ...]
+    order: str | None = None
+    max_peaks: int = 1
+    min_distance_mm: float = 0.0
+    threshold: float = 0.0
+
+    @property
+    def shared(self) -> bool:
+        """More than one landmark in the channel."""
+        return len(self.landmarks) > 1
+
+
+class ChannelGroups:
+    """How ``N`` landmarks map to ``C`` output channels (the bundle key ``channel_groups``).
+
+    The configuration is ``None`` (one channel per landmark) or a list of shared groups, each a dict
+    ``{"name": str, "landmarks": [names], "order": "R" | "L" | "A" | "P" | "S" | "I" | "unordered",
+    "max_peaks": int (optional), "min_distance_mm": float (optional), "threshold": float (optional)}``.
+    Landmarks in no group keep a channel of their own. Channels are numbered in the order of the
+    landmark names: a group's channel comes at its first landmark.
+
+    Args:
+        config: the list above, or ``None``.
+        landmark_names: the ``N`` landmark names.
+        min_distance_mm: default non-maximum suppression distance (world mm) of a group.
+        threshold: default relative peak threshold of a group.
+
+    Raises:
+        ValueError: naming the group and the problem (unknown or repeated landmark, bad order ...).
+    """
+
+    def __init__(self, config: Sequence[Mapping] | None, landmark_names: Sequence[str], min_distance_mm: float = 5.0,
+                 threshold: float = 0.25):
+        names = [str(n) for n in landmark_names]
+        self.landmark_names = names
+        lookup = {n: i for i, n in enumerate(names)}
+        owner: dict[int, ChannelGroup] = {}
+        for g, spec in enumerate(config or ()):
+            where = f"channel_groups[{g}]"
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"{where} must be a mapping with name, landmarks and order; got {spec!r}")
+            unknown = set(spec) - {"name", "landmarks", "order", "max_peaks", "min_distance_mm", "threshold"}
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+            name = spec.get("name")
+            if not isinstance(name, str) or not name or "#" in name:
+                raise ValueError(f"{where}: `name` must be a non-empty string without '#', got {name!r}")
+            members = list(spec.get("landmarks") or ())
+            if len(members) < 2:
+                raise ValueError(f"{where} ({name}): `landmarks` must list at least two landmark names, got {members!r}")
+            idx = []
+            for m in members:
+                if m not in lookup:
+                    raise ValueError(f"{where} ({name}): unknown landmark {m!r}; known: {names}")
+                if lookup[m] in owner or lookup[m] in idx:
+                    raise ValueError(f"{where} ({name}): landmark {m!r} is already in a channel group")
+                idx.append(lookup[m])
+            order = spec.get("order")
+            if order not in GROUP_ORDERS:
+                raise ValueError(f"{where} ({name}): `order` must be one of {list(GROUP_ORDERS)}, got {order!r}")
+            max_peaks = spec.get("max_peaks") if spec.get("max_peaks") is not None else len(idx)
+            if not isinstance(max_peaks, int) or not 1 <= max_peaks <= len(idx):
+                raise ValueError(f"{where} ({name}): `max_peaks` must be an integer in [1, {len(idx)}], got {max_peaks!r}")
+            dist = float(spec.get("min_distance_mm") if spec.get("min_distance_mm") is not None else min_distance_mm)
+            thr = float(spec.get("threshold") if spec.get("threshold") is not None else threshold)
+            if not dist >= 0 or not 0 <= thr <= 1:
+                raise ValueError(f"{where} ({name}): min_distance_mm must be >= 0 and threshold in [0, 1], got "
+                                 f"{dist} and {thr}")
+            group = ChannelGroup(name, tuple(idx), order, max_peaks, dist, thr)
+            for i in idx:
+                owner[i] = group
+        groups: list[ChannelGroup] = []
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            group = owner.get(i, ChannelGroup(n, (i,)))
+            if group.name in seen and group.shared:
+                continue
+            if group.shared and group.name in names and group.name not in [names[j] for j in group.landmarks]:
+                raise ValueError(f"channel group name {group.name!r} is also a landmark name")
+            seen.add(group.name)
+            groups.append(group)
+        self.groups = groups
+
+    @classmethod
+    def from_config(cls, config: Sequence[Mapping] | None, landmark_names: Sequence[str],
+                    min_distance_mm: float = 5.0, threshold: float = 0.25) -> ChannelGroups:
+        """The same as the constructor (the name bundle configs use)."""
+        return cls(config, landmark_names, min_distance_mm, threshold)
+
+    @property
+    def num_channels(self) -> int:
+        """C, the network's output channels."""
+        return len(self.groups)
+
+    @property
+    def num_landmarks(self) -> int:
+        """N."""
+        return len(self.landmark_names)
+
+    @property
+    def is_identity(self) -> bool:
+        """One channel per landmark, in the landmarks' order (no shared channel)."""
+        return all(not g.shared for g in self.groups)
+
+    @property
+    def members(self) -> list[list[int]]:
+        """Per channel, the landmark indices it holds (the ``channels`` of :func:`gaussian_heatmaps`)."""
+        return [list(g.landmarks) for g in self.groups]
+
+    @property
+    def channel_of(self) -> list[int]:
+        """Per landmark, its channel index (``N`` integers)."""
+        out = [0] * self.num_landmarks
+        for c, g in enumerate(self.groups):
+            for i in g.landmarks:
+                out[i] = c
+        return out
+
+    def output_names(self) -> list[str]:
+        """The ``N`` names predictions are written under: landmark names, except the members of an
+        unordered group, which become ``<group>#1`` ... ``<group>#K`` (instances by decreasing
+        confidence)."""
+        out = list(self.landmark_names)
+        for g in self.groups:
+            if g.shared and g.order == "unordered":
+                for k, i in enumerate(g.landmarks):
+                    out[i] = f"{g.name}#{k + 1}"
+        return out
+
+    def to_config(self) -> list[dict] | None:
+        """The shared groups as plain values with every default resolved (``None`` without any): what a
+        model file records and what :class:`ChannelGroups` reads back to the same groups."""
+        shared = [{"name": g.name, "landmarks": [self.landmark_names[i] for i in g.landmarks], "order": g.order,
+                   "max_peaks": g.max_peaks, "min_distance_mm": g.min_distance_mm, "threshold": g.threshold}
+                  for g in self.groups if g.shared]
+        return shared or None
+
+    def __repr__(self) -> str:
+        return f"ChannelGroups({self.num_landmarks} landmarks -> {self.num_channels} channels, {self.to_config()})"

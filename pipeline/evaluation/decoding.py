@@ -40,6 +40,21 @@ padding, as in Payer's Downsampling-Net) puts in output voxel ``i`` the mean of 
 grid's affine is ``A_in @ [[s, (s-1)/2], [0, 1]]`` per axis, which is what MONAI records for such
 a downsampling.
 
+Shared channels (:func:`decode_channel_groups`, the bundle's ``channel_groups``): a one-landmark
+channel decodes as above; a shared channel gives up to ``max_peaks`` peaks through
+:func:`decode_peaks` (candidates >= ``threshold`` x the channel's maximum, non-maximum suppression
+at ``min_distance_mm`` world mm, the same refinement, confidence = peak value), which are then
+assigned to the group's landmark names:
+
+- ordered groups (``order`` a RAS direction, e.g. ``"R"`` for names listed right first, as
+  ``[R x, L x]``): :func:`assign_by_order`, an optimal assignment (Hungarian) of the peaks to a
+  reference configuration of the names spaced evenly along that world axis, centred on the centre
+  of the input image. For a pair it gives the peak with the larger RAS x to the "R" name; a lone
+  peak goes to the name of its side of the image centre. World axes are RAS through the image's
+  affine, so an image stored with a flipped x axis is assigned by anatomy, not by array index.
+- unordered groups: the peaks fill the group's slots by decreasing confidence (written as
+  ``<group>#1``, ``<group>#2`` ...); validation orders them to the truth by optimal matching.
+
 A channel with any non-finite value, or with no peak at all (constant, e.g. all zero), decodes to
 a NaN position with confidence 0: the missing-landmark form used everywhere else.
 
@@ -58,10 +73,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from heatmark.core.axes import per_axis
-from heatmark.core.geometry import output_to_input_voxels, voxel_to_world
+from scipy.optimize import linear_sum_assignment
 
-__all__ = ["DecodedLandmarks", "Peaks", "decode_heatmaps", "decode_peaks", "METHODS"]
+from heatmark.core.axes import per_axis
+from heatmark.core.geometry import output_to_input_voxels, voxel_to_world, world_to_voxel
+from heatmark.core.heatmaps import ORDER_AXES, ChannelGroups
+
+__all__ = ["DecodedLandmarks", "Peaks", "decode_heatmaps", "decode_peaks", "decode_channel_groups",
+           "assign_by_order", "METHODS"]
 
 Method = Literal["quadratic", "gaussian", "weighted_mean", "argmax"]
 METHODS: tuple[str, ...] = ("quadratic", "gaussian", "weighted_mean", "argmax")
@@ -360,3 +379,122 @@ def decode_peaks(
     kept = torch.as_tensor(_suppress(world.cpu().numpy(), float(min_distance_mm), max_peaks),
                            dtype=torch.long, device=world.device)
     return Peaks(world=world[kept], confidence=score[kept].to(torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# shared channels: peaks -> instance names
+
+
+def assign_by_order(world: np.ndarray, num_slots: int, order: str, centre: np.ndarray) -> np.ndarray:
+    """Slot (name position in the group) of each peak of an ordered group.
+
+    The names are a reference configuration along one world (RAS) axis: slot ``j`` of ``M`` sits at
+    ``(M - 1) / 2 - j`` along the direction ``order`` (``"R"``: +x, ``"L"``: -x, ``"A"``: +y, ``"P"``:
+    -y, ``"S"``: +z, ``"I"``: -z), so the first name is the farthest in that direction. Peaks,
+    taken relative to ``centre``, are assigned to slots by the optimal assignment (Hungarian) that
+    maximises ``sum(coordinate x slot position)``; with all ``M`` peaks this sorts them along the
+    axis (the centre does not matter); with fewer, a peak on the positive side of the centre takes
+    an early slot and one on the negative side a late one.
+
+    Args:
+        world: ``(K, D)`` peak positions in world mm (RAS), ``K <= num_slots``.
+        num_slots: ``M``, the group's names.
+        order: a key of :data:`heatmark.core.heatmaps.ORDER_AXES`.
+        centre: ``(D,)`` world mm, the input image's centre.
+
+    Returns:
+        ``(K,)`` int slot of each peak.
+    """
+    p = np.asarray(world, dtype=np.float64)
+    if order not in ORDER_AXES:
+        raise ValueError(f"order must be one of {sorted(ORDER_AXES)}, got {order!r}")
+    axis, sign = ORDER_AXES[order]
+    if axis >= p.shape[-1]:
+        raise ValueError(f"order {order!r} needs world axis {axis}, but the points have {p.shape[-1]} coordinates")
+    if len(p) > num_slots:
+        raise ValueError(f"{len(p)} peaks for {num_slots} names")
+    if len(p) == 0:
+        return np.zeros(0, dtype=np.int64)
+    coord = sign * (p[:, axis] - float(np.asarray(centre, dtype=np.float64)[axis]))
+    slots = (num_slots - 1) / 2.0 - np.arange(num_slots)
+    rows, cols = linear_sum_assignment(-coord[:, None] * slots[None, :])
+    out = np.empty(len(p), dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def _affines(affine, b: int, device) -> torch.Tensor | None:
+    if affine is None:
+        return None
+    a = torch.as_tensor(affine, dtype=torch.float64, device=device)
+    return a.unsqueeze(0).expand(b, -1, -1) if a.ndim == 2 else a
+
+
+def decode_channel_groups(
+    heatmaps: torch.Tensor,
+    groups: ChannelGroups,
+    method: Method = "quadratic",
+    window: IntOrSeq = 1,
+    output_stride: IntOrSeq | None = None,
+    affine: torch.Tensor | np.ndarray | Sequence | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> DecodedLandmarks:
+    """Decode ``C`` channels, some shared, into the ``N`` landmarks of ``groups``.
+
+    Args:
+        heatmaps: ``(B, C, *S)`` network output, ``C = groups.num_channels``.
+        groups: the channel layout (:class:`heatmark.core.heatmaps.ChannelGroups`).
+        method, window, output_stride, affine: as :func:`decode_heatmaps`.
+        input_shape: the input grid's spatial shape (the centre used by ordered groups); default
+            ``S x output_stride``.
+
+    Returns:
+        :class:`DecodedLandmarks` ``(B, N, ...)`` in the order of ``groups.landmark_names``: each
+        landmark of a shared channel gets its assigned peak and that peak's value as confidence, or
+        NaN / 0 when the channel had fewer peaks (see the module documentation).
+    """
+    if heatmaps.ndim < 3 or heatmaps.shape[1] != groups.num_channels:
+        raise ValueError(f"heatmaps must have shape (B, {groups.num_channels}, *spatial) for {groups!r}, got "
+                         f"{tuple(heatmaps.shape)}")
+    b, _, *shape = heatmaps.shape
+    d = len(shape)
+    single = decode_heatmaps(heatmaps, method=method, window=window, output_stride=output_stride, affine=affine)
+    device = heatmaps.device
+    voxel = torch.full((b, groups.num_landmarks, d), float("nan"), dtype=torch.float64, device=device)
+    world = None if affine is None else voxel.clone()
+    confidence = torch.zeros((b, groups.num_landmarks), dtype=torch.float64, device=device)
+    affines = _affines(affine, b, device)
+    stride = per_axis(output_stride, d, "output_stride", default=1)
+    size = list(input_shape) if input_shape is not None else [n * s for n, s in zip(shape, stride)]
+    centre_voxel = torch.tensor([(n - 1) / 2.0 for n in size], dtype=torch.float64, device=device)
+    for c, g in enumerate(groups.groups):
+        if not g.shared:
+            i = g.landmarks[0]
+            voxel[:, i], confidence[:, i] = single.voxel[:, c], single.confidence[:, c]
+            if world is not None:
+                world[:, i] = single.world[:, c]
+            continue
+        for k in range(b):
+            h = _as_float(heatmaps[k, c])
+            top = float(h.max()) if torch.isfinite(h).all() else math.nan
+            if not top > 0:
+                continue  # no peak: the group's landmarks stay missing
+            a = None if affines is None else affines[k]
+            peaks = decode_peaks(h, threshold=g.threshold * top, min_distance_mm=g.min_distance_mm, affine=a,
+                                 max_peaks=g.max_peaks, method=method, window=window, output_stride=output_stride,
+                                 spatial_dims=d)
+            if len(peaks.confidence) == 0:
+                continue
+            if g.order == "unordered":
+                slots = np.arange(len(peaks.confidence))
+            else:
+                centre = centre_voxel if a is None else voxel_to_world(centre_voxel[None], a)[0]
+                slots = assign_by_order(peaks.world.cpu().numpy(), len(g.landmarks), g.order, centre.cpu().numpy())
+            idx = torch.as_tensor([g.landmarks[j] for j in slots], dtype=torch.long, device=device)
+            confidence[k, idx] = peaks.confidence
+            if a is None:
+                voxel[k, idx] = peaks.world
+            else:
+                world[k, idx] = peaks.world
+                voxel[k, idx] = world_to_voxel(peaks.world, a)
+    return DecodedLandmarks(voxel=voxel, world=world, confidence=confidence)

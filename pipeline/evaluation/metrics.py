@@ -18,6 +18,20 @@ error > r (its count and its percentage of the same denominator); SD is the popu
 Summaries are plain ``dict``/``list`` of Python ``int``/``float``/``str`` (JSON-serialisable; NaN
 is written as ``NaN`` by :mod:`json`). Their keys use only characters MLflow accepts in metric
 names: ``sdr_2.5mm``, ``outliers_10mm``, ``outliers_pct_10mm``.
+
+Shared-channel instances (landmarks that share a network channel, the bundle's ``channel_groups``):
+
+- unordered groups (interchangeable instances) are scored by :func:`instance_detection`: per case,
+  the optimal one-to-one matching (Hungarian, :func:`match_points`) of predicted to true instances
+  within ``r`` mm (``<=``); counts are summed over the cases (micro average), precision =
+  matched / predicted, recall = matched / true, F1 = 2 P R / (P + R), and the MRE is the mean
+  distance of the matched pairs (a different set from the point errors above: misses are not in it);
+- ordered groups (named instances, e.g. a left/right pair) are scored by the point errors above
+  and by :func:`group_identification_rate` (:func:`identification_rate` among the group's own
+  landmarks: the closest true instance is the right one and within ``r`` mm);
+- :func:`left_right_swaps` counts the (case, pair) where the prediction fits the truth better with
+  the two names exchanged: ``|pR - tL| + |pL - tR| < |pR - tR| + |pL - tL|`` (both present in
+  prediction and truth).
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ __all__ = [
     "measure",
     "match_points",
     "radius_key",
+    "instance_detection",
+    "group_identification_rate",
+    "left_right_swaps",
 ]
 
 #: Success detection radii in mm (ISBI 2015 cephalometry and most landmark papers).
@@ -407,3 +424,75 @@ def match_points(pred: ArrayLike, truth: ArrayLike, max_distance_mm: float) -> M
         precision=len(rows) / len(pi) if len(pi) else math.nan,
         recall=len(rows) / len(ti) if len(ti) else math.nan,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# shared-channel instances (see the module documentation)
+
+
+def instance_detection(pred: ArrayLike, truth: ArrayLike, radius_mm: float) -> dict[str, Any]:
+    """Precision, recall, F1 within ``radius_mm`` and MRE of the matched pairs, over cases.
+
+    Args:
+        pred: ``(C, K, D)`` predicted instances per case (NaN rows: no instance).
+        truth: ``(C, M, D)`` true instances per case (NaN rows: absent); same ``C`` and ``D``.
+        radius_mm: a prediction and a true instance match when ``<= radius_mm`` apart.
+
+    Returns:
+        ``{"n_predicted", "n_true", "n_matched", "precision", "recall", "f1", "mre"}``: counts summed
+        over cases; precision / recall / F1 as fractions (NaN for an empty denominator; F1 is 0 when
+        both are 0); ``mre`` in mm (NaN without a match).
+    """
+    p, t = _array(pred), _array(truth)
+    if p.ndim == 2:
+        p, t = p[None], t[None]
+    if p.ndim != 3 or t.ndim != 3 or p.shape[0] != t.shape[0] or p.shape[2] != t.shape[2]:
+        raise ValueError(f"pred and truth must have shapes (C, K, D) and (C, M, D), got {p.shape} and {t.shape}")
+    n_pred = n_true = 0
+    errors: list[np.ndarray] = []
+    for pc, tc in zip(p, t):
+        m = match_points(pc, tc, radius_mm)
+        n_pred += int(np.count_nonzero(~_missing(pc)))
+        n_true += int(np.count_nonzero(~_missing(tc)))
+        errors.append(m.errors)
+    e = np.concatenate(errors) if errors else np.zeros(0)
+    matched = int(e.size)
+    precision = matched / n_pred if n_pred else math.nan
+    recall = matched / n_true if n_true else math.nan
+    if math.isnan(precision) or math.isnan(recall):
+        f1 = math.nan
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"n_predicted": n_pred, "n_true": n_true, "n_matched": matched, "precision": precision,
+            "recall": recall, "f1": f1, "mre": float(e.mean()) if matched else math.nan}
+
+
+def group_identification_rate(pred: ArrayLike, truth: ArrayLike, members: Sequence[int], radius_mm: float) -> float:
+    """:func:`identification_rate` of an ordered group among its own landmarks ``members`` (column
+    indices of ``(C, N, D)`` ``pred`` and ``truth``), in percent."""
+    p, t = _points_pair(pred, truth)
+    if p.ndim == 2:
+        p, t = p[None], t[None]
+    idx = list(members)
+    return identification_rate(p[:, idx], t[:, idx], radius_mm)
+
+
+def left_right_swaps(pred: ArrayLike, truth: ArrayLike, pairs: Sequence[Sequence[int]]) -> int:
+    """Number of (case, pair) whose two predictions fit the truth better exchanged.
+
+    Args:
+        pred, truth: ``(C, N, D)`` world mm (a single case ``(N, D)`` is accepted).
+        pairs: ``(right, left)`` column indices (either order: the test is symmetric).
+
+    Returns:
+        The count; a pair with any of its four points missing is not counted.
+    """
+    p, t = _points_pair(pred, truth)
+    if p.ndim == 2:
+        p, t = p[None], t[None]
+    count = 0
+    for a, b in pairs:
+        straight = np.linalg.norm(p[:, a] - t[:, a], axis=-1) + np.linalg.norm(p[:, b] - t[:, b], axis=-1)
+        crossed = np.linalg.norm(p[:, a] - t[:, b], axis=-1) + np.linalg.norm(p[:, b] - t[:, a], axis=-1)
+        count += int((crossed < straight).sum())  # NaN compares False: missing points never count
+    return count
