@@ -13,7 +13,13 @@ config as artifact), ``validate#handlers`` (validation metrics per epoch) and
 - :func:`default_tracking_uri`, :func:`check_tracking_uri`: the SQLite store. MLflow >= 3.13
   refuses the plain file store (a directory or ``file:`` URI), so every local store here is
   ``sqlite:///<abs dir>/mlruns.db`` with artifacts in ``<dir>/mlruns`` (MONAI's layout);
-- :func:`run_ui`, :func:`ui_command`: ``mlflow ui`` on such a store.
+  :func:`prepare_store` creates it so that even MLflow's ``Default`` experiment keeps its artifacts
+  there (MLflow would point it at ``./mlruns`` of whatever folder the first process ran in);
+- :func:`run_name`, :func:`run_tags`: a training run is named after its bundle and overlays
+  (``isbi2015_cephalometric+smoke``) and tagged with the git commit, the bundle's name and version,
+  the dataset folder and the overlays;
+- :func:`run_ui`, :func:`ui_command`: ``mlflow ui`` on such a store, stopped with its whole process
+  group (no worker keeps the port).
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import ast
 import posixpath
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,12 +45,18 @@ import torch
 from ignite.engine import Events
 from monai.utils import flatten_dict, path_to_sqlite_uri
 
+from heatmark import __version__
+from heatmark.training.model_file import _bundle_metadata
+
 __all__ = [
     "STORE_FILE",
     "default_tracking_uri",
     "check_tracking_uri",
     "sqlite_path",
     "artifact_location",
+    "prepare_store",
+    "run_name",
+    "run_tags",
     "find_mlflow_handler",
     "flatten_params",
     "MLflowExtrasHandler",
@@ -128,6 +143,144 @@ def artifact_location(tracking_uri: str) -> str | None:
     MONAI's ``MLFlowHandler`` does), None (MLflow's choice) for other stores."""
     db = sqlite_path(tracking_uri)
     return None if db is None else (db.parent / "mlruns").absolute().as_uri()
+
+
+def prepare_store(directory: str | os.PathLike) -> str:
+    """The tracking URI of ``directory`` (:func:`default_tracking_uri`), creating a SQLite store
+    that does not exist yet with its artifact root in ``<dir>/mlruns``.
+
+    MLflow creates the ``Default`` experiment (id 0) with the database, its artifacts in the
+    *current folder's* ``mlruns/`` unless told otherwise; created here, it points into the store's
+    own folder, so nothing logged to it lands in the folder a training or ``mlflow models predict``
+    happened to run in. Only rank 0 of a process group creates the store; other URIs are returned
+    unchanged. (``base.yaml``: ``tracking_uri``.)
+    """
+    uri = default_tracking_uri(directory)
+    db = sqlite_path(uri)
+    if db is None or db.exists() or _is_not_rank0():
+        return uri
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # lazy: mlflow is slow to import; only MLflow-tracked runs pay for it
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    store = SqlAlchemyStore(uri, artifact_location(uri))
+    store.engine.dispose()  # release the file (Windows) before MONAI's client opens it
+    return uri
+
+
+# ----------------------------------------------------------------------------------------------
+# run names and tags
+
+#: config files of a training that are not overlays: heatmark's base config, the bundle's own
+_NOT_OVERLAYS = ("base.yaml",)
+
+
+def _argv_config_files(argv: Sequence[str]) -> list[str]:
+    """The ``--config_file`` value of a ``python -m monai.bundle run`` command line: a Python/JSON
+    list literal, a comma-separated list or one path; [] when absent or unreadable."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+    if not value:
+        return []
+    text = value.strip()
+    if text.startswith(("[", "(")):
+        try:
+            return [str(f) for f in ast.literal_eval(text)]
+        except (ValueError, SyntaxError):
+            return []
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _config_files(config_files: Sequence[str | os.PathLike] | None) -> list[str]:
+    """``config_files`` (set by ``heatmark train``), else those of this process's
+    ``python -m monai.bundle run`` command line."""
+    files = [os.fspath(f) for f in config_files or ()]
+    return files if files else _argv_config_files(sys.argv)
+
+
+def _overlays(bundle_root: str | os.PathLike, config_files: Sequence[str | os.PathLike] | None) -> list[str]:
+    """The overlays among a run's config files: every file after the bundle's ``configs/train.yaml``
+    (heatmark's shipped workflow overlays such as ``evaluate.yaml`` included), or all files but
+    heatmark's ``base.yaml`` when the bundle's file is not among them."""
+    files = _config_files(config_files)
+    own = (Path(bundle_root) / "configs" / "train.yaml").resolve()
+    at = next((i for i, f in enumerate(files) if Path(f).resolve() == own), None)
+    if at is not None:
+        return files[at + 1:]
+    return [f for f in files if Path(f).name not in _NOT_OVERLAYS and Path(f).name != "train.yaml"]
+
+
+def run_name(bundle_root: str | os.PathLike, config_files: Sequence[str | os.PathLike] | None = None) -> str:
+    """The MLflow run name of a bundle run: the bundle folder's name, then ``+<overlay>`` per
+    overlay file (without ``.yaml``/``.json``), e.g. ``isbi2015_cephalometric+smoke`` or
+    ``synthetic_dots+evaluate``. ``config_files``: the run's config files (``base.yaml``:
+    ``@config_files``, which ``heatmark train`` sets); when empty, those of the ``python -m
+    monai.bundle run ... --config_file`` command line of this process.
+
+    MONAI's ``MLFlowHandler`` continues an unfinished run of that name (a killed training resumed)
+    and otherwise starts a new one; runs of one name are told apart by their start time.
+    """
+    name = Path(os.path.abspath(os.fspath(bundle_root))).name or "bundle"
+    stems = [Path(f).name.rsplit(".", 1)[0] if Path(f).suffix in (".yaml", ".yml", ".json") else Path(f).name
+             for f in _overlays(bundle_root, config_files)]
+    return "+".join([name, *stems])[:250]
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_state(folder: str | os.PathLike) -> dict[str, str]:
+    """``{"commit": <sha>, "dirty": "true"/"false", "root": <repo folder>}`` of the git repository
+    holding ``folder``; {} outside a repository or without git. Dirty = tracked files changed."""
+    path = Path(folder).resolve()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    commit = _git(path, "rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = _git(path, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": "unknown" if status is None else str(bool(status)).lower(),
+            "root": _git(path, "rev-parse", "--show-toplevel") or str(path)}
+
+
+def run_tags(bundle_root: str | os.PathLike, config_files: Sequence[str | os.PathLike] | None = None,
+             dataset_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """The tags of a bundle run (``base.yaml``: ``mlflow_tags``, logged by :class:`MLflowExtrasHandler`):
+
+    - ``heatmark.bundle.git.commit`` / ``heatmark.bundle.git.dirty`` (tracked files changed): the
+      git repository holding the bundle, when it is in one; ``heatmark.code.git.commit`` /
+      ``heatmark.code.git.dirty``: the one holding heatmark's code (a source checkout);
+      ``mlflow.source.git.commit`` (which the MLflow UI shows): the bundle's commit, else the code's;
+    - ``heatmark.bundle.name`` / ``heatmark.bundle.version``: ``configs/metadata.json``;
+      ``heatmark.bundle.root``: the bundle folder (absolute);
+    - ``heatmark.dataset_dir``: the dataset folder (absolute), when given;
+    - ``heatmark.overlays``: the overlay files, comma-separated (``none`` without overlays);
+    - ``heatmark.version``.
+    """
+    root = Path(os.path.abspath(os.fspath(bundle_root)))
+    meta = _bundle_metadata(root)
+    tags = {"heatmark.bundle.root": str(root), "heatmark.overlays": ",".join(_overlays(root, config_files)) or "none"}
+    for key in ("name", "version"):
+        if meta.get(key) is not None:
+            tags[f"heatmark.bundle.{key}"] = str(meta[key])
+    if dataset_dir is not None and os.fspath(dataset_dir).strip():
+        tags["heatmark.dataset_dir"] = os.path.abspath(os.fspath(dataset_dir))
+    for what, folder in (("code", Path(__file__).parent), ("bundle", root)):
+        state = git_state(folder)
+        if state:
+            tags[f"heatmark.{what}.git.commit"] = state["commit"]
+            tags[f"heatmark.{what}.git.dirty"] = state["dirty"]
+            tags["mlflow.source.git.commit"] = state["commit"]  # the bundle's wins (set last)
+    tags["heatmark.version"] = str(__version__)
+    return {_clean_key(k): v[:_MAX_PARAM_VALUE] for k, v in tags.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,15 +492,17 @@ class MLflowExtrasHandler:
       nested mappings named by their own key, as MONAI names them), with step = the trainer's
       epoch;
     - ``COMPLETED``: the ``artifacts`` that exist (files; folders recursively under their name),
-      each under ``artifact_path``;
+      each under ``artifact_path``; then ``model_logger(client, run_id)`` (``base.yaml``:
+      :class:`heatmark.predict.mlflow_model.MLflowModelLogger`, the best model as an MLflow model);
     - a resumed training (``engine.state.resumed_from``, set by
       :class:`heatmark.training.TrainingCheckpoint`): tags linking the run to the previous one
       (:meth:`_log_resume`). The run id is kept in ``engine.state.mlflow_run_id`` for the
       checkpoint's ``run.json``.
 
-    Note that MONAI's handler (``run_name`` None) continues the oldest unfinished run of the
-    experiment, so after a crash or kill the resumed training usually logs into the same run
-    (which a killed process could not close, so it stays ``RUNNING`` until then).
+    Note that MONAI's handler continues the oldest unfinished run of the experiment that has the
+    configured ``run_name`` (any unfinished run when it is None), so after a crash or kill the
+    resumed training usually logs into the same run (which a killed process could not close, so it
+    stays ``RUNNING`` until then).
 
     Parameters already in the run (a resumed run, MONAI's ``max_epochs``) are not logged again; a
     different value is reported by a warning (MLflow parameters are immutable). Logging problems
@@ -362,6 +517,9 @@ class MLflowExtrasHandler:
         evaluator: the validation engine, to log its extra metrics after each validation.
         names: landmark names, to label per-landmark metric arrays.
         artifact_path: folder in the run's artifacts (default: the top level).
+        tags: run tags (:func:`run_tags`), set with the parameters.
+        model_logger: called as ``model_logger(client, run_id)`` when training completes, after the
+            artifacts (failures are warnings, as for everything here).
     """
 
     def __init__(
@@ -371,8 +529,12 @@ class MLflowExtrasHandler:
         evaluator: Any | None = None,
         names: Sequence[str] | None = None,
         artifact_path: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        model_logger: Any | None = None,
     ) -> None:
         self.params = flatten_params(params or {})
+        self.tags = {_clean_key(k): _param_text(v) for k, v in (tags or {}).items()}
+        self.model_logger = model_logger
         if isinstance(artifacts, (str, os.PathLike)):
             artifacts = [artifacts]
         self.artifacts = [Path(a) for a in artifacts or () if a]
@@ -454,6 +616,8 @@ class MLflowExtrasHandler:
         target = self._target()
         if target is not None and self.artifacts:
             self._safely("artifacts", self._log_artifacts, *target)
+        if target is not None and self.model_logger is not None:
+            self._safely("the MLflow model", self.model_logger, *target)
 
     def _validation_completed(self, evaluator: Any) -> None:
         if _is_not_rank0():
@@ -475,6 +639,8 @@ class MLflowExtrasHandler:
         self._params_logged = True  # once per run, also when logging fails
         if self.params:
             self._safely("params", self._log_params, *target)
+        if self.tags:
+            self._safely("tags", self._log_tags, *target)
         if getattr(getattr(self._engine, "state", None), "resumed_from", None):
             self._safely("resume tags", self._log_resume, *target)
 
@@ -512,6 +678,13 @@ class MLflowExtrasHandler:
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), _MAX_BATCH_PARAMS):
             client.log_batch(run_id=run_id, params=items[i:i + _MAX_BATCH_PARAMS])
+
+    def _log_tags(self, client: Any, run_id: str) -> None:
+        from mlflow.entities import RunTag  # lazy: mlflow is slow to import; only MLflow-tracked runs pay for it
+
+        items = [RunTag(k, v) for k, v in self.tags.items()]
+        for i in range(0, len(items), _MAX_BATCH_PARAMS):
+            client.log_batch(run_id=run_id, tags=items[i:i + _MAX_BATCH_PARAMS])
 
     def _log_artifacts(self, client: Any, run_id: str) -> None:
         for path in self.artifacts:
@@ -651,39 +824,132 @@ def _store(store: str | os.PathLike) -> tuple[str, Path | None]:
     return uri, sqlite_path(uri)
 
 
-def ui_command(store: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def ui_command(store: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     """The ``mlflow ui`` command line for a tracking directory (its ``mlruns.db``), a ``.db`` file
     or a tracking URI: ``[python, -m, mlflow, ui, --backend-store-uri, <uri>,
-    [--default-artifact-root, <dir>/mlruns,] --host, <host>, --port, <port>]`` (the artifact root,
-    for experiments created from the UI, only for SQLite stores; it is where MONAI puts them)."""
+    [--default-artifact-root, <dir>/mlruns,] --host, <host>, --port, <port>, --workers, <n>]`` (the
+    artifact root, for experiments created from the UI, only for SQLite stores; it is where MONAI
+    puts them).
+
+    Raises:
+        ValueError: ``workers`` < 1, or a file-store URI.
+    """
+    if int(workers) < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     uri, db = _store(store)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     if db is not None:
         cmd += ["--default-artifact-root", artifact_location(uri) or ""]
-    return cmd + ["--host", str(host), "--port", str(int(port))]
+    return cmd + ["--host", str(host), "--port", str(int(port)), "--workers", str(int(workers))]
 
 
-def run_ui(store: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Serve the MLflow UI of ``store`` (:func:`ui_command`) until interrupted; returns the exit status.
+#: signals ``heatmark ui`` passes on to the MLflow server's process group
+_FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies, which hold no port, do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process we may not signal: it exists
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to the server's process group (POSIX) or to the server process."""
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signum)
+        else:  # pragma: no cover - Windows: no process groups to signal
+            proc.terminate()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """End the server and everything it started: SIGTERM to its process group, then SIGKILL to
+    what is left after ``timeout`` seconds; reaps the server."""
+    if os.name != "posix":  # pragma: no cover
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    if proc.poll() is None or _group_alive(pgid):
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        if proc.returncode is not None and not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def run_ui(store: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
+           stop_timeout: float = 10.0) -> int:
+    """Serve the MLflow UI of ``store`` (:func:`ui_command`) until interrupted; returns the exit
+    status (0 when stopped by a signal).
+
+    The server runs in its own process group (session). SIGINT (Ctrl+C), SIGTERM and SIGHUP sent to
+    this process are passed on to that whole group, and when the server ends, or this function
+    leaves for any reason, what is left of the group gets SIGTERM and, after ``stop_timeout``
+    seconds, SIGKILL: no worker keeps the port after ``heatmark ui`` ends.
 
     Raises:
         FileNotFoundError: no SQLite database at the store ("no MLflow runs found at ...").
+        ValueError: ``workers`` < 1, or a file-store URI.
     """
     uri, db = _store(store)
     if db is not None and not db.is_file():
         raise FileNotFoundError(f"no MLflow runs found at {db} (tracking URI {uri}); train first with "
                                 "`heatmark train` (MLflow tracking on), or pass the folder holding mlruns.db")
-    cmd = ui_command(store, host, port)
+    cmd = ui_command(store, host, port, workers)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     print(f"MLflow UI of {uri} at http://{shown}:{int(port)}  (Ctrl+C to stop)", flush=True)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, start_new_session=os.name == "posix")
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        _signal_group(proc, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return 0
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # no handler installed (not the main thread)
+                stopped.append(signal.SIGINT)
+                _signal_group(proc, signal.SIGINT)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop_group(proc, stop_timeout)
+    return 0 if stopped else code
