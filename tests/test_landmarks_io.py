@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import io
 import os
 import pickle
 from pathlib import Path
@@ -17,7 +18,6 @@ import torch
 import heatmark.landmarks as landmarks_package
 from heatmark.core.fileio import atomic_write_text
 from heatmark.landmarks import (
-    CSV_FRAME_COMMENT,
     FORMATS,
     LandmarkContents,
     LandmarkFileError,
@@ -171,7 +171,8 @@ def test_table_round_trip_csv(tmp_path, layout, dims):
     table = {f"{i:03d}": random_landmarks(dims, seed=i, missing=i % 3 or None) for i in range(1, 5)}
     path = tmp_path / "landmarks.csv"
     write_landmark_table(path, table, layout=layout)
-    assert path.read_text().splitlines()[0] == CSV_FRAME_COMMENT
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:2] == ["case", "frame"] if layout == "wide" else header[:4] == ["case", "landmark", "name", "frame"]
     back = read_landmark_table(path)
     assert list(back) == list(table)
     for case in table:
@@ -221,7 +222,7 @@ def test_long_csv_confidence_column(tmp_path):
     path = tmp_path / "pred.csv"
     write_landmark_table(path, table, confidence=conf)
     rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
-    assert list(rows[0]) == ["case", "landmark", "name", "x_mm", "y_mm", "z_mm", "confidence"]
+    assert list(rows[0]) == ["case", "landmark", "name", "frame", "x_mm", "y_mm", "z_mm", "confidence"]
     assert [float(r["confidence"]) for r in rows[:6]] == conf["x"].tolist()
     assert rows[6]["confidence"] == "" and rows[2]["x_mm"] == ""
     assert read_landmark_table(path) == table  # the extra column is ignored on reading
@@ -604,16 +605,26 @@ def test_landmark_table_text_is_what_write_landmark_table_writes(tmp_path):
         write_landmark_table(path, table, layout=layout, confidence=confidence)
         assert path.read_text() == landmark_table_text(table, layout=layout, confidence=confidence)
     lps = landmark_table_text(table, coordinate_system="LPS")
-    assert lps.splitlines()[0] == "# coordinate system: LPS, units: mm" == csv_frame_comment("LPS")
+    rows = list(csv.DictReader(lps.splitlines()))
+    assert {r["frame"] for r in rows} == {"LPS"}
+    assert float(rows[0]["x_mm"]) == -table["001"].coords[0, 0]  # x negated in LPS
     (tmp_path / "lps.csv").write_text(lps)
     assert read_landmark_table(tmp_path / "lps.csv") == table
+    # the old form (frame in a first comment line, no frame column) still reads
+    buf = io.StringIO()
+    buf.write(csv_frame_comment("LPS") + "\n")
+    csv.writer(buf, lineterminator="\n").writerows(r[:3] + r[4:] for r in csv.reader(lps.splitlines()))
+    old = buf.getvalue()
+    assert old.splitlines()[1] == "case,landmark,name,x_mm,y_mm,z_mm"
+    (tmp_path / "old.csv").write_text(old)
+    assert read_landmark_table(tmp_path / "old.csv") == table
 
 
 def test_landmark_table_text_of_an_empty_table():
     text = landmark_table_text({}, names=["a", "b"], spatial_dims=2, confidence={})
-    assert text.splitlines() == [CSV_FRAME_COMMENT, "case,landmark,name,x_mm,y_mm,confidence"]
-    assert landmark_table_text({}, names=["a", "b"], spatial_dims=3, layout="wide").splitlines()[1] == \
-        "case,a_x_mm,a_y_mm,a_z_mm,b_x_mm,b_y_mm,b_z_mm"
+    assert text.splitlines() == ["case,landmark,name,frame,x_mm,y_mm,confidence"]
+    assert landmark_table_text({}, names=["a", "b"], spatial_dims=3, layout="wide").splitlines() == \
+        ["case,frame,a_x_mm,a_y_mm,a_z_mm,b_x_mm,b_y_mm,b_z_mm"]
     lm = random_landmarks(2)
     with pytest.raises(ValueError, match="spatial_dims"):
         landmark_table_text({"a": lm}, spatial_dims=3)

@@ -10,11 +10,11 @@ in the truth (left out everywhere), ``+inf`` where it was not detected (counted 
 denominator of the success detection rate, left out of means and box plots and reported as a
 count).
 
-Image display (:func:`plot_overlay`): arrays are indexed by voxel axes ``(i, j[, k])`` as in
-:mod:`heatmark.core.geometry`; for 2D images axis 0 is x (the columns) and axis 1 is y (the rows), so
-the *transpose* of the array is shown with the origin at the upper left, which shows a picture read
-by MONAI's PIL reader the right way up. Points are mapped to voxel coordinates with
-:func:`heatmark.core.geometry.world_to_voxel` and the image's affine.
+Overlays (:func:`plot_overlay`) are drawn on the original image (not on a network's resampled
+grid) with axes in mm: points go from world mm to the image's voxels with
+:func:`heatmark.core.geometry.world_to_voxel` and its own affine, and voxels to the plot with the
+same affine (world coordinates for axis-aligned affines, mm along the image axes for oblique ones).
+Arrays are indexed by voxel axes ``(i, j[, k])`` as in :mod:`heatmark.core.geometry`.
 """
 
 from __future__ import annotations
@@ -29,16 +29,23 @@ import torch
 from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from heatmark.core.fileio import atomic_path, atomic_write_text, csv_text
-from heatmark.core.geometry import spacing_from_affine, world_to_voxel
+from heatmark.core.geometry import as_affine, world_to_voxel
 from heatmark.landmarks import Landmarks, write_landmark_table
 from heatmark.evaluation.metrics import DEFAULT_OUTLIER_RADII, DEFAULT_RADII, per_landmark_table, point_errors, summarize
+from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage
 
 __all__ = [
     "plot_error_per_landmark",
     "plot_cumulative_error",
     "plot_overlay",
+    "overlay_figure",
+    "original_image",
+    "original_or",
+    "image_source",
     "write_evaluation",
     "EVALUATION_FILES",
     "CONVENTIONS",
@@ -238,6 +245,17 @@ def plot_cumulative_error(
 # ----------------------------------------------------------------------------------------------
 # overlays
 
+#: Marker of a predicted landmark and of a true one (``gid`` of their scatter artists).
+PRED_GID, TRUTH_GID, LABEL_GID = "prediction", "truth", "label"
+
+#: Label offsets tried around a marker, in points (first the near ring, then a far ring drawn
+#: with a leader line): ``(dx, dy, horizontal alignment, vertical alignment)``.
+_LABEL_OFFSETS = [(dx * r, dy * r, "left" if dx > 0 else "right" if dx < 0 else "center",
+                   "bottom" if dy > 0 else "top" if dy < 0 else "center")
+                  for r in (1.0, 3.0)
+                  for dx, dy in ((4, 4), (4, -4), (-4, 4), (-4, -4), (6, 0), (-6, 0), (0, 6), (0, -6))]
+_MARKER_PX = 4.0  # half the side of the box around a marker that labels must avoid, pixels
+
 
 def _display_range(image: np.ndarray) -> tuple[float, float]:
     """1st and 99th percentile of the finite values (min/max if those coincide)."""
@@ -252,23 +270,6 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _draw_points(ax: Any, pred: np.ndarray, truth: np.ndarray | None, names: Sequence[str]) -> None:
-    """Draw ``(N, 2)`` display points (x, y) of the prediction and truth with error lines and labels."""
-    if truth is not None:
-        for p, t in zip(pred, truth):
-            if np.isfinite(p).all() and np.isfinite(t).all():
-                ax.plot([p[0], t[0]], [p[1], t[1]], color="yellow", linewidth=0.8)
-        ok = np.isfinite(truth).all(axis=1)
-        ax.scatter(truth[ok, 0], truth[ok, 1], s=14, marker="o", facecolors="none", edgecolors="lime",
-                   linewidths=1.0, label="truth")
-    ok = np.isfinite(pred).all(axis=1)
-    ax.scatter(pred[ok, 0], pred[ok, 1], s=16, marker="+", color="red", linewidths=1.0, label="prediction")
-    for name, p in zip(names, pred):
-        if np.isfinite(p).all():
-            ax.annotate(str(name), (p[0], p[1]), xytext=(3, 3), textcoords="offset points", fontsize=6,
-                        color="red", path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
-
-
 def _image_array(image: Any, spatial_dims: int) -> np.ndarray:
     img = _numpy(image)
     if img.ndim == spatial_dims + 1:
@@ -279,38 +280,144 @@ def _image_array(image: Any, spatial_dims: int) -> np.ndarray:
     return img
 
 
-def plot_overlay(
+class _DisplayAxes:
+    """How voxel axes become plot axes in mm.
+
+    Axis-aligned affines (a permutation of the world axes, flips and scales allowed): voxel axis
+    ``a`` shows world coordinate ``world_axis[a]``, ``u = offset[a] + step[a] * i`` in world mm, so
+    the tick labels are world coordinates. Oblique affines: ``u = spacing[a] * i``, mm from the
+    centre of the first voxel along the image's own axis ``a`` (``world_axis`` is None).
+    """
+
+    def __init__(self, affine: np.ndarray, d: int, world_names: Sequence[str]):
+        lin = affine[:d, :d]
+        spacing = np.linalg.norm(lin, axis=0)
+        dominant = np.argmax(np.abs(lin), axis=0)
+        aligned = bool(np.all(np.abs(lin[dominant, np.arange(d)]) >= spacing * (1.0 - 1e-6))
+                       and len(set(dominant.tolist())) == d)
+        self.d = d
+        if aligned:
+            self.world_axis: list[int] | None = [int(k) for k in dominant]
+            self.step = np.array([lin[k, a] for a, k in enumerate(dominant)])
+            self.offset = np.array([affine[k, d] for k in dominant])
+            self.names = [world_names[k] for k in dominant]
+            self.labels = [f"{n} (mm)" for n in self.names]
+        else:
+            self.world_axis = None
+            self.step, self.offset = spacing, np.zeros(d)
+            self.names = [f"image axis {a}" for a in range(d)]
+            self.labels = [f"image axis {a} (mm from the first voxel; oblique)" for a in range(d)]
+
+    def to_mm(self, voxel: np.ndarray) -> np.ndarray:
+        """``(N, D)`` voxel indices -> ``(N, D)`` display coordinates in mm (NaN stays NaN)."""
+        return self.offset + self.step * voxel
+
+    def edges(self, a: int, n: int) -> tuple[float, float]:
+        """Display coordinates of the outer edges of the first and last voxel along axis ``a``."""
+        return float(self.offset[a] + self.step[a] * -0.5), float(self.offset[a] + self.step[a] * (n - 0.5))
+
+    def voxel_axis_of(self, world: int) -> int:
+        """The voxel axis showing world axis ``world`` (aligned affines), else ``world`` itself."""
+        return world if self.world_axis is None else self.world_axis.index(world)
+
+
+def _world_names(image: Any, d: int) -> list[str]:
+    """Names of the world axes for the axis labels: ``x: R``, ``y: A``, ``z: S`` (the direction the
+    coordinate grows to), or ``x``/``y`` of a 2D picture's image frame (no patient frame)."""
+    meta = getattr(image, "meta", None) or {}
+    if d == 2 and meta.get("world_frame", "image") == "image":
+        return ["x", "y"]
+    letters = str(meta.get("world_axes") or "RAS") if d == 2 else "RAS"
+    letters = letters if len(letters) >= d else "RAS"
+    return [f"{'xyz'[k]}: {letters[k]}" for k in range(d)]
+
+
+def _marker_boxes(ax: Any, points: np.ndarray) -> list[Any]:
+    """Pixel boxes around the finite display points (that labels must not cover)."""
+    px = ax.transData.transform(points[np.isfinite(points).all(axis=1)]) if len(points) else np.zeros((0, 2))
+    return [Bbox.from_extents(x - _MARKER_PX, y - _MARKER_PX, x + _MARKER_PX, y + _MARKER_PX) for x, y in px]
+
+
+def _place_labels(ax: Any, renderer: Any, points: np.ndarray, names: Sequence[str], avoid: list[Any],
+                  fontsize: float = 6.0, near: np.ndarray | None = None) -> tuple[int, int]:
+    """Label the ``(N, 2)`` display points without overlaps; returns ``(placed, skipped)``.
+
+    Greedy: for each point (those ``near`` the slice first, then the others, drawn faded; each
+    group top to bottom), the first offset of :data:`_LABEL_OFFSETS` whose text box stays inside
+    the axes and overlaps neither a label placed before nor a marker (``avoid``, pixel boxes) is
+    used; a far offset gets a leader line; a label that fits nowhere is skipped.
+    """
+    inside = ax.get_window_extent(renderer)
+    taken = list(avoid)
+    near = np.ones(len(points), dtype=bool) if near is None else np.asarray(near, dtype=bool)
+    by_height = np.argsort(-points[:, 1], kind="stable")
+    order = [i for group in (True, False) for i in by_height
+             if near[i] == group and np.isfinite(points[i]).all()]
+    placed = skipped = 0
+    effects = [patheffects.withStroke(linewidth=1.5, foreground="black")]
+    for i in order:
+        x, y = float(points[i, 0]), float(points[i, 1])
+        for k, (dx, dy, ha, va) in enumerate(_LABEL_OFFSETS):
+            far = k >= len(_LABEL_OFFSETS) // 2
+            text = ax.annotate(str(names[i]), (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                               fontsize=fontsize, color="red", path_effects=effects, gid=LABEL_GID,
+                               alpha=None if near[i] else 0.5,
+                               annotation_clip=True,
+                               arrowprops={"arrowstyle": "-", "color": "red", "linewidth": 0.5,
+                                           "shrinkA": 0, "shrinkB": 2} if far else None)
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer)  # the text only, not the leader line
+            fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1
+                    and not any(box.overlaps(other) for other in taken))
+            if fits:
+                taken.append(box)
+                placed += 1
+                break
+            text.remove()
+        else:
+            skipped += 1
+    return placed, skipped
+
+
+def _draw_view(ax: Any, plane: np.ndarray, extent: tuple[float, float, float, float], vmin: float, vmax: float,
+               pred: np.ndarray, truth: np.ndarray | None, near: np.ndarray | None) -> None:
+    """Image ``plane`` (rows: vertical axis, row 0 at ``extent[2]``) and the markers, in mm."""
+    ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest",
+              extent=extent, aspect="equal")
+    if truth is not None:
+        for p, t in zip(pred, truth):
+            if np.isfinite(p).all() and np.isfinite(t).all():
+                ax.plot([p[0], t[0]], [p[1], t[1]], color="yellow", linewidth=0.8)
+        ok = np.isfinite(truth).all(axis=1)
+        ax.scatter(truth[ok, 0], truth[ok, 1], s=14, marker="o", facecolors="none", edgecolors="lime",
+                   linewidths=1.0, label="truth", gid=TRUTH_GID)
+    ok = np.isfinite(pred).all(axis=1)
+    shown = ok if near is None else ok & near
+    ax.scatter(pred[shown, 0], pred[shown, 1], s=16, marker="+", color="red", linewidths=1.0,
+               label="prediction", gid=PRED_GID)
+    if near is not None and (ok & ~near).any():
+        ax.scatter(pred[ok & ~near, 0], pred[ok & ~near, 1], s=16, marker="+", color="red", linewidths=1.0,
+                   alpha=0.35, label="prediction (off this slice)", gid=PRED_GID + "_far")
+
+
+def overlay_figure(
     image: Any,
     affine: Any,
     pred_world: Any,
-    path: str | Path,
     truth_world: Any | None = None,
     names: Sequence[str] | None = None,
     title: str | None = None,
-) -> Path:
-    """Draw predicted (and true) landmarks on the image; error lines join prediction and truth.
+    view: str = "slices",
+    as_stored: bool | None = None,
+    near_mm: float = 3.0,
+    label_fontsize: float = 6.0,
+) -> Figure:
+    """The overlay figure of :func:`plot_overlay` (not saved): axes in mm, labels placed.
 
-    - 2D: the image with the points at their voxel positions. Array axis 0 is x (columns) and
-      axis 1 is y (rows): the transpose is shown, origin at the upper left.
-    - 3D: three orthogonal slices through the centroid of the predicted landmarks (voxel
-      coordinates; the image centre when no landmark is predicted): the plane of axes (0, 1) at
-      the centroid's index 2, axes (0, 2) at index 1 and axes (1, 2) at index 0. *All* points are
-      projected orthogonally onto each view and labelled, so points away from the slice are drawn
-      over anatomy of another depth. Axis 0 runs left to right and the vertical axis upwards in every
-      view (origin at the lower left), so a RAS-oriented volume appears in neurological convention:
-      right on the right, anterior up in the axial view, superior up in the others. Pixel aspect
-      follows the voxel spacing.
-
-    Args:
-        image: ``(C, *S)`` (first channel shown) or ``(*S)`` array, tensor or MetaTensor.
-        affine: the image's affine (``(D+1, D+1)``, or MONAI's 4x4 for 2D).
-        pred_world, truth_world: ``(N, D)`` world coordinates in mm (NaN rows: missing, not drawn).
-        path: the PNG to write.
-        names: ``N`` labels (default ``"1"``..``"N"``).
-        title: figure title.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+    Returns the :class:`~matplotlib.figure.Figure`; its predicted markers are the scatter
+    collections with ``gid`` :data:`PRED_GID` (offsets: the display coordinates in mm), true ones
+    :data:`TRUTH_GID`, labels the annotations with ``gid`` :data:`LABEL_GID`; ``fig.overlay_info``
+    holds ``{"placed": labels drawn, "skipped": labels left out, "slice_mm": ...}``.
     """
     pred_w = _numpy(pred_world)
     if pred_w.ndim != 2 or pred_w.shape[1] not in (2, 3):
@@ -322,50 +429,186 @@ def plot_overlay(
     names = [str(i + 1) for i in range(pred_w.shape[0])] if names is None else [str(n) for n in names]
     if len(names) != pred_w.shape[0]:
         raise ValueError(f"{len(names)} names for {pred_w.shape[0]} landmarks")
+    if view not in ("slices", "mip"):
+        raise ValueError(f"view must be 'slices' or 'mip', got {view!r}")
+    if affine is None:
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            raise ValueError("affine is None and the image carries none (pass the image's affine)")
+    aff = as_affine(_numpy(affine), d).numpy()
     img = _image_array(image, d)
-    pred_v = _numpy(world_to_voxel(pred_w, affine))
-    truth_v = None if truth_w is None else _numpy(world_to_voxel(truth_w, affine))
+    axes_mm = _DisplayAxes(aff, d, _world_names(image, d))
+    pred_v = _numpy(world_to_voxel(pred_w, aff))
+    truth_v = None if truth_w is None else _numpy(world_to_voxel(truth_w, aff))
+    pred_mm = axes_mm.to_mm(pred_v)
+    truth_mm = None if truth_v is None else axes_mm.to_mm(truth_v)
     vmin, vmax = _display_range(img)
-    spacing = spacing_from_affine(affine, d).numpy()
+    as_stored = d == 2 if as_stored is None else bool(as_stored)
 
     if d == 2:
+        # (horizontal voxel axis, vertical voxel axis, fixed axis or None)
+        views: list[tuple[int, int, int | None]] = [(0, 1, None)] if as_stored else \
+            [(axes_mm.voxel_axis_of(0), axes_mm.voxel_axis_of(1), None)]
         fig = _new_figure(7.0, 7.0)
-        ax = fig.add_subplot()
-        ax.imshow(img.T, cmap="gray", vmin=vmin, vmax=vmax, origin="upper", interpolation="nearest",
-                  aspect=float(spacing[1] / spacing[0]))
-        _draw_points(ax, pred_v, truth_v, names)
-        ax.set_xlim(-0.5, img.shape[0] - 0.5)
-        ax.set_ylim(img.shape[1] - 0.5, -0.5)
-        ax.set_xlabel("x (voxel axis 0)")
-        ax.set_ylabel("y (voxel axis 1)")
-        ax.legend(loc="lower right", fontsize=7)
-        axes = [ax]
     else:
-        ok = np.isfinite(pred_v).all(axis=1)
-        centre = pred_v[ok].mean(axis=0) if ok.any() else (np.asarray(img.shape) - 1) / 2.0
-        index = [int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(centre, img.shape)]
-        # (horizontal axis, vertical axis, fixed axis, origin)
-        views = [(0, 1, 2, "lower"), (0, 2, 1, "lower"), (1, 2, 0, "lower")]
-        fig = _new_figure(15.0, 5.4)
-        axes = []
-        for col, (a, b, fixed, origin) in enumerate(views):
-            ax = fig.add_subplot(1, 3, col + 1)
-            plane = np.take(img, index[fixed], axis=fixed)  # axes (a, b) remain, in that order
-            ax.imshow(plane.T, cmap="gray", vmin=vmin, vmax=vmax, origin=origin, interpolation="nearest",
-                      aspect=float(spacing[b] / spacing[a]))
-            _draw_points(ax, pred_v[:, [a, b]], None if truth_v is None else truth_v[:, [a, b]], names)
-            ax.set_xlim(-0.5, img.shape[a] - 0.5)
-            lims = (-0.5, img.shape[b] - 0.5)
-            ax.set_ylim(lims if origin == "lower" else lims[::-1])
-            ax.set_xlabel(f"voxel axis {a}")
-            ax.set_ylabel(f"voxel axis {b}")
-            ax.set_title(f"axis {fixed} = {index[fixed]}", fontsize=9)
-            axes.append(ax)
-        axes[0].legend(loc="lower right", fontsize=7)
+        pairs = [(0, 1, 2), (0, 2, 1), (1, 2, 0)]  # world (or oblique: voxel) axes: axial, coronal, sagittal
+        views = [(axes_mm.voxel_axis_of(h), axes_mm.voxel_axis_of(v), axes_mm.voxel_axis_of(f)) for h, v, f in pairs]
+        fig = _new_figure(15.0, 5.6)
+    ok = np.isfinite(pred_v).all(axis=1)
+    centre = pred_v[ok].mean(axis=0) if ok.any() else (np.asarray(img.shape) - 1) / 2.0
+    index = [int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(centre, img.shape)]
+    panels = []
+    for col, (a, b, fixed) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), col + 1)
+        near = None
+        if fixed is None:
+            plane = img
+            ax_title = ""
+        elif view == "mip":
+            plane = np.nanmax(img, axis=fixed)
+            ax_title = f"maximum intensity projection along {axes_mm.names[fixed]}"
+        else:
+            plane = np.take(img, index[fixed], axis=fixed)
+            slice_mm = float(axes_mm.to_mm(np.array(index, dtype=np.float64))[fixed])
+            ax_title = f"slice {axes_mm.names[fixed]} = {slice_mm:.1f} mm"
+            depth = np.abs(pred_v[:, fixed] - index[fixed]) * abs(float(axes_mm.step[fixed]))
+            near = depth <= near_mm
+        # the remaining array axes are in increasing order: rows must run along the vertical axis b
+        data = plane.T if a < b else plane
+        left, right = axes_mm.edges(a, img.shape[a])
+        bottom, top = axes_mm.edges(b, img.shape[b])
+        pt = truth_mm[:, [a, b]] if truth_mm is not None else None
+        _draw_view(ax, data, (left, right, bottom, top), vmin, vmax, pred_mm[:, [a, b]], pt, near)
+        if as_stored:  # first column on the left, first row at the top; the mm ticks may run either way
+            ax.set_xlim(left, right)
+            ax.set_ylim(top, bottom)
+        else:  # world coordinates growing to the right and upwards
+            ax.set_xlim(min(left, right), max(left, right))
+            ax.set_ylim(min(bottom, top), max(bottom, top))
+        ax.set_xlabel(axes_mm.labels[a], fontsize=8)
+        ax.set_ylabel(axes_mm.labels[b], fontsize=8)
+        if ax_title:
+            ax.set_title(ax_title, fontsize=9)
+        panels.append((ax, pred_mm[:, [a, b]], pt, near))
+    panels[0][0].legend(loc="lower right", fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for ax, *_ in panels:
+        ax.apply_aspect()  # the final box of an equal-aspect axes: data -> pixels as it will be drawn
+    placed = skipped = 0
+    for ax, p, t, near in panels:
+        avoid = _marker_boxes(ax, p) + (_marker_boxes(ax, t) if t is not None else [])
+        if ax.get_legend() is not None:
+            avoid.append(ax.get_legend().get_window_extent(renderer))
+        k_placed, k_skipped = _place_labels(ax, renderer, p, names, avoid, label_fontsize, near)
+        placed, skipped = placed + k_placed, skipped + k_skipped
+        if k_skipped:
+            ax.text(0.01, 0.99, f"{k_skipped} label(s) left out (crowded)", transform=ax.transAxes, fontsize=6,
+                    color="orange", ha="left", va="top")
+    fig.overlay_info = {"placed": placed, "skipped": skipped, "view": view}
+    return fig
+
+
+def plot_overlay(
+    image: Any,
+    affine: Any,
+    pred_world: Any,
+    path: str | Path,
+    truth_world: Any | None = None,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+    view: str = "slices",
+    as_stored: bool | None = None,
+    near_mm: float = 3.0,
+) -> Path:
+    """Draw predicted (and true) landmarks on an image, axes in mm, and save it as PNG.
+
+    Pass the *original* image (as read from its file, e.g. by
+    :class:`heatmark.transforms.io.LoadLandmarkImage` or :func:`original_image`) with its own
+    affine: the points (world mm) are mapped into it with
+    :func:`heatmark.core.geometry.world_to_voxel`, never through a network's resampled grid.
+
+    - Axes: when the affine is a permutation of the world axes (flips and scales allowed), each
+      plot axis shows a world coordinate in mm; an oblique affine is shown on its own voxel grid,
+      in mm from the first voxel along each image axis. Voxels are drawn at their physical size.
+    - 2D: the picture as stored (``as_stored``, the default for 2D): array axis 0 (columns) to
+      the right, axis 1 (rows) downwards, whatever the signs of the affine (a radiograph saved as
+      NIfTI with y growing down the rows is not turned upside down); the tick labels are the world
+      mm of each position, so they may decrease. With ``as_stored=False`` the world axes grow to
+      the right and upwards and the picture is flipped to match.
+    - 3D: three views, axial (x-y), coronal (x-z) and sagittal (y-z), either slices
+      through the voxel nearest to the centroid of the predicted landmarks (``view="slices"``;
+      points farther than ``near_mm`` from the slice are drawn faded) or maximum intensity
+      projections (``view="mip"``). Oblique 3D affines: the planes of voxel axes (0, 1), (0, 2), (1, 2).
+    - Labels: placed greedily around their marker so that they overlap no other label or marker,
+      with a leader line when pushed further out; a label that fits nowhere is left out and the
+      view says how many were.
+
+    Args:
+        image: ``(C, *S)`` (first channel shown) or ``(*S)`` array, tensor or MetaTensor; a
+            MetaTensor's ``meta["world_frame"]``/``["world_axes"]`` name the axes.
+        affine: the image's affine (``(D+1, D+1)``, or MONAI's 4x4 for 2D); None: ``image.affine``.
+        pred_world, truth_world: ``(N, D)`` world coordinates in mm (NaN rows: missing, not drawn).
+        path: the PNG to write.
+        names: ``N`` labels (default ``"1"``..``"N"``).
+        title: figure title.
+        view: ``"slices"`` or ``"mip"`` (3D only).
+        as_stored: show the array as stored (default for 2D) rather than reoriented so that the
+            world axes grow to the right and upwards (default for 3D: R right, A/S up).
+        near_mm: 3D slices: points within this distance (mm) of the slice are drawn solid.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    fig = overlay_figure(image, affine, pred_world, truth_world, names, title, view, as_stored, near_mm)
     return _save(fig, path)
+
+
+def image_source(image: Any) -> dict[str, Any] | None:
+    """Where a loaded image came from, to read it again with :func:`original_image`: from the meta
+    of one item (not a batch: index it first) of a MetaTensor made by ``LoadLandmarkImage``,
+    resampled or not: ``{"source", "spatial_dims", "spacing", "allow_pixel_units"}``; None when
+    the meta names no file."""
+    meta = getattr(image, "meta", None) or {}
+    source = meta.get("filename_or_obj")
+    if not isinstance(source, (str, Path)) or not str(source):
+        return None
+    dims = meta.get("spatial_dims")
+    spacing = meta.get("spacing")
+    return {"source": str(source),
+            "spatial_dims": int(_numpy(dims).reshape(-1)[0]) if dims is not None else int(image.ndim) - 1,
+            "spacing": None if spacing is None else _numpy(spacing).reshape(-1).tolist(),
+            "allow_pixel_units": meta.get("spacing_units") == "pixel"}
+
+
+def original_or(source: Mapping[str, Any] | None, image: Any, affine: Any) -> tuple[Any, Any]:
+    """``(original image, its affine)`` read again from ``source`` (:func:`image_source`), or the
+    given ``image`` and ``affine`` when there is no source or it cannot be read any more."""
+    if source is not None:
+        try:
+            original = original_image(source["source"], source["spatial_dims"], source.get("spacing"),
+                                      bool(source.get("allow_pixel_units")))
+            return original, original.affine
+        except (ImageLoadError, OSError, ValueError):
+            pass
+    return image, affine
+
+
+def original_image(source: str | Path, spatial_dims: int, spacing: Any | None = None,
+                   allow_pixel_units: bool = False) -> Any:
+    """The original image behind a prediction, read again from ``source`` (a file or DICOM folder)
+    as a channel-first ``MetaTensor`` with its own world affine, for :func:`plot_overlay`.
+
+    ``spacing`` (mm per array axis, e.g. the loaded image's ``meta["spacing"]``) stands in for a
+    file without one (PNG & co.), as the bundle's loader did. Raises ``ImageLoadError`` naming the file.
+    """
+    # only 2D pictures take a spacing from outside; volumes always have their own
+    s = None if spacing is None or spatial_dims != 2 else [float(v) for v in _numpy(spacing).reshape(-1)[:2]]
+    loader = LoadLandmarkImage(spatial_dims=spatial_dims, spacing=s, allow_pixel_units=allow_pixel_units,
+                               allow_constant=True)
+    return loader(source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +639,7 @@ def write_evaluation(
       :func:`heatmark.evaluation.metrics.per_landmark_table` (with the outlier radii).
     - ``point_errors.csv`` (``point_errors``): long table ``case,landmark,name,error_mm``; ``error_mm`` is
       empty where the truth is missing and ``inf`` where the landmark was not detected.
-    - ``predictions.csv`` (``predictions``): ``case,landmark,name,x_mm,y_mm[,z_mm][,confidence]``,
+    - ``predictions.csv`` (``predictions``): ``case,landmark,name,frame,x_mm,y_mm[,z_mm][,confidence]``,
       RAS, via :func:`heatmark.landmarks.write_landmark_table`.
     - ``error_per_landmark.png`` and ``cumulative_error.png`` (``plot_error_per_landmark``,
       ``plot_cumulative_error``) unless ``plots`` is False.

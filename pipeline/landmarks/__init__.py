@@ -22,8 +22,20 @@ the ``register_format`` calls below (or call :func:`register_format` from your o
 ``tests/test_landmarks_io.py`` round-trips every registered format automatically.
 """
 
-from heatmark.landmarks.csv_table import CSV_FORMAT, CSV_FRAME_COMMENT, csv_frame_comment, landmark_table_text
-from heatmark.landmarks.files import read_landmark_table, read_landmarks, write_landmark_table, write_landmarks
+from heatmark.landmarks.csv_table import (
+    CSV_FORMAT,
+    CSV_FRAME_COLUMN,
+    CSV_FRAME_COMMENT,
+    csv_frame_comment,
+    landmark_table_text,
+)
+from heatmark.landmarks.files import (
+    read_confidence,
+    read_landmark_table,
+    read_landmarks,
+    write_landmark_table,
+    write_landmarks,
+)
 from heatmark.landmarks.json_format import JSON_FORMAT
 from heatmark.landmarks.model import (
     CoordinateSystem,
@@ -43,7 +55,14 @@ from heatmark.landmarks.registry import (
     register_format,
     unregister_format,
 )
-from heatmark.landmarks.slicer import FCSV_COLUMNS, FCSV_FORMAT, FCSV_VERSION, MRK_JSON_FORMAT, SLICER_MARKUPS_SCHEMA
+from heatmark.landmarks.slicer import (
+    CONFIDENCE_DESCRIPTION,
+    FCSV_COLUMNS,
+    FCSV_FORMAT,
+    FCSV_VERSION,
+    MRK_JSON_FORMAT,
+    SLICER_MARKUPS_SCHEMA,
+)
 
 __all__ = [
     "Landmarks",
@@ -52,10 +71,13 @@ __all__ = [
     "read_landmark_table",
     "write_landmarks",
     "write_landmark_table",
+    "read_confidence",
     "landmarks_to_tensor",
     "ras_to_lps",
     "lps_to_ras",
+    "CSV_FRAME_COLUMN",
     "CSV_FRAME_COMMENT",
+    "CONFIDENCE_DESCRIPTION",
     "SLICER_MARKUPS_SCHEMA",
     "FCSV_VERSION",
     "FCSV_COLUMNS",

@@ -1,14 +1,20 @@
 """Landmark tables as CSV (``.csv``): many cases in one file, long or wide layout.
 
-Long: ``case,landmark,name,x_mm,y_mm[,z_mm][,confidence]``, one row per landmark (``landmark``
-is the 1-based integer id: landmark ``i`` of :class:`~heatmark.landmarks.model.Landmarks` has id
-``i + 1``; extra columns are ignored on reading; an empty coordinate cell is a missing landmark).
-Wide: ``case,<name>_x_mm,<name>_y_mm[,<name>_z_mm],...``, one row per case. The layout is
-recognised by the header. Lines starting with ``#`` are comments; we write the frame in the first
-one (:data:`CSV_FRAME_COMMENT`) and honour it on reading (RAS or LPS; units must be mm).
+Long: ``case,landmark,name,frame,x_mm,y_mm[,z_mm][,confidence]``, one row per landmark
+(``landmark`` is the 1-based integer id: landmark ``i`` of
+:class:`~heatmark.landmarks.model.Landmarks` has id ``i + 1``; extra columns are ignored on
+reading; an empty coordinate cell is a missing landmark). Wide: ``case,frame,<name>_x_mm,
+<name>_y_mm[,<name>_z_mm],...``, one row per case. The layout is recognised by the header.
+
+The frame of the coordinates (``RAS`` or ``LPS``; units are mm, as the column names say) is the
+``frame`` column of every row, so the file is a plain CSV that ``pandas.read_csv(path)`` and
+``csv.DictReader`` read without options. Files of heatmark <= 0.1 stated the frame in a first
+comment line instead (``# coordinate system: RAS, units: mm``, :data:`CSV_FRAME_COMMENT`); the
+reader still accepts them: lines starting with ``#`` are comments, such a frame comment is
+honoured, and a ``frame`` cell (when present and not empty) wins over it.
 
 :func:`landmark_table_text` is the one place that builds this text (``landmarks.csv`` of
-``heatmark predict`` included).
+``heatmark predict`` included); :func:`read_csv_confidence` reads the ``confidence`` column back.
 """
 
 from __future__ import annotations
@@ -30,12 +36,25 @@ from heatmark.landmarks.model import (
     file_error,
     landmarks_in_ras,
 )
-from heatmark.landmarks.parsing import AXES, CsvRow, csv_lines, make_landmarks, parse_frame, parse_point, read_text
+from heatmark.landmarks.parsing import (
+    AXES,
+    CsvRow,
+    csv_lines,
+    make_landmarks,
+    parse_frame,
+    parse_number,
+    parse_point,
+    read_text,
+)
 from heatmark.landmarks.registry import LandmarkContents, LandmarkFormat, TableLayout, file_stem, table_layout_arg
 
-__all__ = ["CSV_FORMAT", "CSV_FRAME_COMMENT", "csv_frame_comment", "landmark_table_text", "read_csv_table"]
+__all__ = ["CSV_FORMAT", "CSV_FRAME_COLUMN", "CSV_FRAME_COMMENT", "csv_frame_comment", "landmark_table_text",
+           "read_csv_confidence", "read_csv_table"]
 
-#: Header comment of every CSV we write (in RAS; see :func:`csv_frame_comment` for LPS).
+#: The column stating each row's coordinate frame (``RAS`` or ``LPS``).
+CSV_FRAME_COLUMN = "frame"
+
+#: The frame comment that headed the CSV tables of heatmark <= 0.1 (RAS); still read, no longer written.
 CSV_FRAME_COMMENT = "# coordinate system: RAS, units: mm"
 
 _COMMENT_FRAME = re.compile(r"coordinate\s*system\s*[:=]\s*([^,\s]+)", re.IGNORECASE)
@@ -43,7 +62,8 @@ _COMMENT_UNITS = re.compile(r"units\s*[:=]\s*([^,\s]+)", re.IGNORECASE)
 
 
 def csv_frame_comment(frame: CoordinateSystem = "RAS") -> str:
-    """The first line of a CSV table written in ``frame``: ``# coordinate system: <frame>, units: mm``."""
+    """The old-style frame comment for ``frame`` (``# coordinate system: <frame>, units: mm``): what
+    heatmark <= 0.1 wrote as the first line; still understood on reading."""
     return CSV_FRAME_COMMENT.replace("RAS", coordinate_system_arg(frame))
 
 
@@ -87,22 +107,39 @@ def _case_cell(path: Path, row: CsvRow, column: int) -> str:
     return case
 
 
-def read_csv_table(path: Path) -> dict[str, Landmarks]:
-    """Every case of a long or wide CSV table, in world mm, RAS (an LPS comment is honoured)."""
+def _parse_csv(path: Path) -> tuple[dict[str, Landmarks], dict[str, np.ndarray] | None]:
+    """Every case (world mm, RAS) and, for a long table with a ``confidence`` column, every case's
+    ``(N,)`` confidence (NaN where the cell is empty)."""
     comments, rows = csv_lines(read_text(path))
     if not rows:
         raise file_error(path, None, "no header row (file holds only comments)")
     frame = _csv_frame(path, comments)
     header, body = rows[0], rows[1:]
     if "landmark" in header.cells:
-        table = _read_long(path, header, body)
-    elif any(c.endswith("_x_mm") for c in header.cells):
-        table = _read_wide(path, header, body)
-    else:
-        raise file_error(path, header.line, "missing required columns: expected a long table "
-                                            "(case,landmark,name,x_mm,y_mm[,z_mm]) or a wide table "
-                                            "(case,<name>_x_mm,<name>_y_mm[,<name>_z_mm],...)")
-    return {case: landmarks_in_ras(lm, frame) for case, lm in table.items()}
+        return _read_long(path, header, body, frame)
+    if any(c.endswith("_x_mm") for c in header.cells):
+        return _read_wide(path, header, body, frame), None
+    raise file_error(path, header.line, "missing required columns: expected a long table "
+                                        "(case,landmark,name,frame,x_mm,y_mm[,z_mm]) or a wide table "
+                                        "(case,frame,<name>_x_mm,<name>_y_mm[,<name>_z_mm],...)")
+
+
+def read_csv_table(path: Path) -> dict[str, Landmarks]:
+    """Every case of a long or wide CSV table, in world mm, RAS (LPS rows are converted)."""
+    return _parse_csv(path)[0]
+
+
+def read_csv_confidence(path: Path) -> dict[str, np.ndarray]:
+    """``{case: (N,) confidence}`` of a long CSV table's ``confidence`` column (NaN: empty cell);
+    ``{}`` when the table has no such column."""
+    return _parse_csv(path)[1] or {}
+
+
+def _row_frame(path: Path, row: CsvRow, cols: Mapping[str, int], default: CoordinateSystem) -> CoordinateSystem:
+    """The frame of one row: its ``frame`` cell, else the file's (comment or RAS)."""
+    column = cols.get(CSV_FRAME_COLUMN)
+    text = row.cells[column] if column is not None else ""
+    return parse_frame(text, path, row.line) if text else default
 
 
 def _landmark_id(path: Path, row: CsvRow, column: int) -> int:
@@ -147,12 +184,14 @@ class _LandmarkIds:
         return [self.by_id[i][0] for i in range(1, n + 1)]
 
 
-def _read_long(path: Path, header: CsvRow, rows: Sequence[CsvRow]) -> dict[str, Landmarks]:
+def _read_long(path: Path, header: CsvRow, rows: Sequence[CsvRow], frame: CoordinateSystem
+               ) -> tuple[dict[str, Landmarks], dict[str, np.ndarray] | None]:
     cols = _column_index(path, header, ("case", "landmark", "x_mm", "y_mm"))
     dims = 3 if "z_mm" in cols else 2
     axis_cols = [f"{a}_mm" for a in AXES[:dims]]
     ids = _LandmarkIds(path)
     points: dict[str, dict[int, np.ndarray]] = {}
+    conf: dict[str, dict[int, float]] = {}
     first_line: dict[tuple[str, int], int] = {}
     for row in rows:
         _check_width(path, row, header)
@@ -166,11 +205,18 @@ def _read_long(path: Path, header: CsvRow, rows: Sequence[CsvRow]) -> dict[str, 
             raise file_error(path, row.line, f"duplicate landmark id {lid} in case {case!r} "
                                              f"(first on line {first_line[case, lid]})")
         first_line[case, lid] = row.line
-        points.setdefault(case, {})[lid] = parse_point([(c, row.cells[cols[c]]) for c in axis_cols], path, row.line)
+        point = parse_point([(c, row.cells[cols[c]]) for c in axis_cols], path, row.line)
+        points.setdefault(case, {})[lid] = convert_frame(point, _row_frame(path, row, cols, frame), "RAS")
+        if "confidence" in cols:
+            conf.setdefault(case, {})[lid] = parse_number(row.cells[cols["confidence"]], "confidence", path, row.line)
     names = ids.names()
     nan = np.full(dims, np.nan)
-    return {case: make_landmarks(path, [by_id.get(i + 1, nan) for i in range(len(names))], names, dims)
-            for case, by_id in points.items()}
+    table = {case: make_landmarks(path, [by_id.get(i + 1, nan) for i in range(len(names))], names, dims)
+             for case, by_id in points.items()}
+    if "confidence" not in cols:
+        return table, None
+    return table, {case: np.array([conf[case].get(i + 1, np.nan) for i in range(len(names))], dtype=np.float64)
+                   for case in table}
 
 
 def _wide_names(path: Path, header: CsvRow, cols: Mapping[str, int]) -> tuple[list[str], int]:
@@ -190,7 +236,7 @@ def _wide_names(path: Path, header: CsvRow, cols: Mapping[str, int]) -> tuple[li
     return names, 3 if all(has_z) else 2
 
 
-def _read_wide(path: Path, header: CsvRow, rows: Sequence[CsvRow]) -> dict[str, Landmarks]:
+def _read_wide(path: Path, header: CsvRow, rows: Sequence[CsvRow], frame: CoordinateSystem) -> dict[str, Landmarks]:
     cols = _column_index(path, header, ("case",))
     names, dims = _wide_names(path, header, cols)
     table: dict[str, Landmarks] = {}
@@ -204,12 +250,13 @@ def _read_wide(path: Path, header: CsvRow, rows: Sequence[CsvRow]) -> dict[str, 
         points = [parse_point([(f"{n}_{a}_mm", row.cells[cols[f"{n}_{a}_mm"]]) for a in AXES[:dims]],
                               path, row.line)
                   for n in names]
-        table[case] = make_landmarks(path, points, names, dims)
+        table[case] = landmarks_in_ras(make_landmarks(path, points, names, dims), _row_frame(path, row, cols, frame))
     return table
 
 
 def _read_csv(path: Path) -> LandmarkContents:
-    return LandmarkContents(dict(read_csv_table(path)))
+    table, confidence = _parse_csv(path)
+    return LandmarkContents(dict(table), confidence=None if confidence is None else dict(confidence))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,42 +278,47 @@ def _check_confidence(table: Mapping[str, Landmarks], confidence: Mapping[str, A
     return out
 
 
-def _long_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int,
+def _long_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int, frame: CoordinateSystem,
                confidence: Mapping[str, np.ndarray] | None) -> list[list[Any]]:
-    """Rows of a long table from ``{case: (N, D) coordinates}`` (already in the output frame)."""
-    header = ["case", "landmark", "name", *(f"{a}_mm" for a in AXES[:dims])]
+    """Rows of a long table from ``{case: (N, D) coordinates}`` (already in ``frame``).
+
+    One row per (case, landmark); a later kind of row (e.g. several instances of one landmark)
+    extends this function and the header together."""
+    header = ["case", "landmark", "name", CSV_FRAME_COLUMN, *(f"{a}_mm" for a in AXES[:dims])]
     if confidence is not None:
         header.append("confidence")
     rows: list[list[Any]] = [header]
     for case, points in coords.items():
         conf = None if confidence is None else confidence.get(case)
         for i, (name, p) in enumerate(zip(names, points)):
-            row = [case, i + 1, name, *(csv_cell(v) for v in p)]
+            row = [case, i + 1, name, frame, *(csv_cell(v) for v in p)]
             if confidence is not None:
                 row.append("" if conf is None else csv_cell(conf[i]))
             rows.append(row)
     return rows
 
 
-def _wide_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int) -> list[list[Any]]:
-    """Rows of a wide table from ``{case: (N, D) coordinates}`` (already in the output frame)."""
-    header = ["case", *(f"{n}_{a}_mm" for n in names for a in AXES[:dims])]
-    return [header, *([case, *(csv_cell(v) for v in points.reshape(-1))] for case, points in coords.items())]
+def _wide_rows(coords: Mapping[str, np.ndarray], names: list[str], dims: int,
+               frame: CoordinateSystem) -> list[list[Any]]:
+    """Rows of a wide table from ``{case: (N, D) coordinates}`` (already in ``frame``)."""
+    header = ["case", CSV_FRAME_COLUMN, *(f"{n}_{a}_mm" for n in names for a in AXES[:dims])]
+    return [header, *([case, frame, *(csv_cell(v) for v in points.reshape(-1))] for case, points in coords.items())]
 
 
 def landmark_table_text(table: Mapping[str, Landmarks], *, layout: TableLayout = "long",
                         confidence: Mapping[str, Any] | None = None, coordinate_system: CoordinateSystem = "RAS",
                         names: Sequence[str] | None = None, spatial_dims: int | None = None) -> str:
-    """The CSV text of a landmark table: the frame comment, the header, the rows.
+    """The CSV text of a landmark table: the header, then the rows (no comment line).
 
     Args:
         table: ``{case: Landmarks}`` in world mm, RAS; all cases share names, order and
             dimensionality. Rows follow the table's order.
-        layout: ``"long"`` (``case,landmark,name,x_mm,y_mm[,z_mm][,confidence]``, one row per
-            landmark, ids 1..N) or ``"wide"`` (``case,<name>_x_mm,...``, one row per case).
+        layout: ``"long"`` (``case,landmark,name,frame,x_mm,y_mm[,z_mm][,confidence]``, one row
+            per landmark, ids 1..N) or ``"wide"`` (``case,frame,<name>_x_mm,...``, one row per case).
         confidence: ``{case: (N,) values}`` (long layout only): adds a ``confidence`` column;
             cases without an entry get empty cells (``{}`` gives the column with no values).
-        coordinate_system: the frame of the written coordinates (mm), stated in the first line.
+        coordinate_system: the frame of the written coordinates (mm), stated in the ``frame``
+            column of every row.
         names, spatial_dims: the landmarks of every case; needed only to give an empty table its
             header (default: no names, 3D), else they must match the cases.
 
@@ -282,8 +334,8 @@ def landmark_table_text(table: Mapping[str, Landmarks], *, layout: TableLayout =
     names, dims = check_table(table, names, spatial_dims)
     conf = None if confidence is None else _check_confidence(table, confidence)
     coords = {case: convert_frame(lm.coords, "RAS", frame) for case, lm in table.items()}
-    rows = _long_rows(coords, names, dims, conf) if layout == "long" else _wide_rows(coords, names, dims)
-    return csv_text(rows, comment=csv_frame_comment(frame))
+    rows = _long_rows(coords, names, dims, frame, conf) if layout == "long" else _wide_rows(coords, names, dims, frame)
+    return csv_text(rows)
 
 
 def _write_csv_table(path: Path, table: Mapping[str, Landmarks], frame: CoordinateSystem, layout: TableLayout,
@@ -292,12 +344,16 @@ def _write_csv_table(path: Path, table: Mapping[str, Landmarks], frame: Coordina
                                                 coordinate_system=frame))
 
 
-def _write_csv_case(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None) -> None:
-    """One case as a long table; ``case`` defaults to the file name without ``.csv``."""
-    _write_csv_table(path, {case or file_stem(path): lm}, frame, "long", None)
+def _write_csv_case(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None,
+                    confidence: np.ndarray | None = None) -> None:
+    """One case as a long table; ``case`` defaults to the file name without ``.csv``; ``(N,)``
+    ``confidence`` fills the ``confidence`` column."""
+    name = case or file_stem(path)
+    _write_csv_table(path, {name: lm}, frame, "long", None if confidence is None else {name: confidence})
 
 
 CSV_FORMAT = LandmarkFormat(
     name="csv", suffixes=(".csv",), default_frame="RAS", read=_read_csv, write=_write_csv_case,
     write_table=_write_csv_table, description="landmark table, long or wide layout (heatmark)",
+    stores_confidence=True,
 )

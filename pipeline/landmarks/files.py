@@ -16,7 +16,7 @@ import numpy as np
 from heatmark.landmarks.model import CoordinateSystem, Landmarks, coordinate_system_arg, file_error
 from heatmark.landmarks.registry import FORMATS, TableLayout, file_stem, format_for, suffix_list, table_layout_arg
 
-__all__ = ["read_landmark_table", "read_landmarks", "write_landmark_table", "write_landmarks"]
+__all__ = ["read_confidence", "read_landmark_table", "read_landmarks", "write_landmark_table", "write_landmarks"]
 
 
 def read_landmark_table(path: str | Path) -> dict[str, Landmarks]:
@@ -91,14 +91,34 @@ def read_landmarks(path: str | Path, case: str | None = None, names: Sequence[st
     return lm.select(list(names)) if names is not None else lm
 
 
+def read_confidence(path: str | Path, case: str | None = None) -> np.ndarray:
+    """The per-landmark confidence stored in a landmark file, ``(N,)`` float64 in landmark order
+    (NaN where a point has none): the ``confidence`` column of a long ``.csv`` table, or the
+    ``confidence=<value>`` that :func:`write_landmarks` puts in each Slicer control point's
+    description (``.mrk.json``, ``.fcsv``). ``case`` picks the case as in :func:`read_landmarks`.
+
+    Raises:
+        LandmarkFileError: the file is malformed, the case unknown, or the file stores no
+            confidence at all.
+    """
+    path = Path(path)
+    contents = format_for(path).read(path)
+    if contents.confidence is None:
+        raise file_error(path, None, "the file stores no confidence (a long .csv with a confidence column, "
+                                     "or a Slicer file written with confidence=, does)")
+    lm = _pick_case(path, contents.table, case)
+    key = next(k for k, v in contents.table.items() if v is lm)
+    return np.asarray(contents.confidence[key], dtype=np.float64)
+
+
 def write_landmark_table(path: str | Path, table: Mapping[str, Landmarks], layout: TableLayout = "long",
                          confidence: Mapping[str, np.ndarray] | None = None,
                          coordinate_system: CoordinateSystem = "RAS") -> None:
     """Write all cases atomically, in world mm (RAS unless ``coordinate_system="LPS"``).
 
-    ``.csv``: long (``case,landmark,name,x_mm,y_mm[,z_mm][,confidence]``, one row per landmark,
-    ids 1..N) or wide (``case,<name>_x_mm,...``, one row per case) layout, the frame stated in a
-    first comment line, missing values as empty cells, full float precision (see
+    ``.csv``: long (``case,landmark,name,frame,x_mm,y_mm[,z_mm][,confidence]``, one row per
+    landmark, ids 1..N) or wide (``case,frame,<name>_x_mm,...``, one row per case) layout, the
+    frame in the ``frame`` column, missing values as empty cells, full float precision (see
     :func:`~heatmark.landmarks.csv_table.landmark_table_text`). ``.json``: heatmark's multi-case
     JSON (``layout`` must be "long"). Other formats with a table writer in the registry likewise.
     All cases must share names, order and dimensionality. ``confidence`` (``{case: (N,) array}``,
@@ -121,7 +141,7 @@ def write_landmark_table(path: str | Path, table: Mapping[str, Landmarks], layou
 
 
 def write_landmarks(path: str | Path, lm: Landmarks, coordinate_system: CoordinateSystem | None = None,
-                    case: str | None = None) -> None:
+                    case: str | None = None, confidence: np.ndarray | Sequence[float] | None = None) -> None:
     """Write one case atomically; the format follows the suffix.
 
     - ``.fcsv``: Slicer fiducial CSV, RAS by default (``# CoordinateSystem = RAS``);
@@ -133,10 +153,26 @@ def write_landmarks(path: str | Path, lm: Landmarks, coordinate_system: Coordina
 
     2D landmarks go to Slicer files with z = 0. Coordinates in ``lm`` are world mm, RAS.
 
+    ``confidence`` (``N`` values, e.g. the heatmap peak of each landmark) goes to the formats that
+    store one (``LandmarkFormat.stores_confidence``): Slicer files get ``confidence=<value>`` as each
+    control point's description (Slicer's markups schema has no confidence field; the description is
+    shown in the Markups module's control-point table); :func:`read_confidence` reads it back.
+
     Raises:
         LandmarkFileError: the suffix is not registered.
-        ValueError: ``coordinate_system`` is neither RAS nor LPS.
+        ValueError: ``coordinate_system`` is neither RAS nor LPS; ``confidence`` has the wrong
+            length or the format does not store it.
     """
     path = Path(path)
     fmt = format_for(path)
-    fmt.write(path, lm, coordinate_system_arg(coordinate_system or fmt.default_frame), case)
+    frame = coordinate_system_arg(coordinate_system or fmt.default_frame)
+    if confidence is None:
+        fmt.write(path, lm, frame, case)
+        return
+    if not fmt.stores_confidence:
+        stores = suffix_list([f for f in FORMATS if f.stores_confidence])
+        raise ValueError(f"{path.name}: {fmt.name} files store no confidence (formats that do: {stores})")
+    values = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    if values.shape != (lm.num_landmarks,):
+        raise ValueError(f"confidence must have {lm.num_landmarks} values (one per landmark), got {np.shape(confidence)}")
+    fmt.write(path, lm, frame, case, confidence=values)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
+
 from heatmark.landmarks.model import CoordinateSystem, Landmarks, file_error
 
 __all__ = [
@@ -48,12 +50,17 @@ class LandmarkContents(NamedTuple):
     #: True where the format stores 3D points only (Slicer): 2D landmarks were written with z = 0
     #: and may be read back as 2D.
     always_3d: bool = False
+    #: ``{case: (N,) float64}`` per-landmark confidence where the file stores one (the ``confidence``
+    #: column of a long CSV, the ``confidence=`` of a Slicer point's description); NaN where a
+    #: point has none; None when the file has no confidence at all.
+    confidence: dict[str | None, np.ndarray] | None = None
 
 
 #: ``read(path) -> LandmarkContents``; problems raise ``LandmarkFileError`` naming the file.
 ReadFn = Callable[[Path], LandmarkContents]
 #: ``write(path, lm, frame, case)``: write one case (``lm`` in RAS mm) atomically in ``frame``;
-#: ``case`` is the caller's case id or None.
+#: ``case`` is the caller's case id or None. A format with ``stores_confidence`` also takes the
+#: keyword ``confidence=`` (an ``(N,)`` array, or None).
 WriteFn = Callable[[Path, Landmarks, CoordinateSystem, str | None], None]
 #: ``write_table(path, table, frame, layout, confidence)``: write ``{case: Landmarks}`` (RAS mm)
 #: atomically in ``frame``; ``confidence`` is ``{case: (N,) values}`` or None. Raises
@@ -76,6 +83,8 @@ class LandmarkFormat:
         write_table: writes several cases to one file (see :data:`WriteTableFn`); None for
             single-case formats.
         description: one line for messages and docs.
+        stores_confidence: ``write`` accepts ``confidence=`` (``(N,)`` values) and ``read``
+            returns them in :attr:`LandmarkContents.confidence`.
     """
 
     name: str
@@ -85,6 +94,7 @@ class LandmarkFormat:
     write: WriteFn
     write_table: WriteTableFn | None = None
     description: str = ""
+    stores_confidence: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -9,12 +9,19 @@
     ``# CoordinateSystem`` header (``0``/``RAS``, ``1``/``LPS``; absent = RAS). A missing
     landmark has empty x, y, z cells (Slicer skips such rows).
 
+Confidence: Slicer's markups have no confidence field, so a writer given ``confidence=`` puts
+``confidence=<value>`` (:data:`CONFIDENCE_DESCRIPTION`) in each control point's description
+(``description`` in ``.mrk.json``, the ``desc`` column of ``.fcsv``), where Slicer shows it in
+the Markups module's control-point table; the readers parse it back
+(:attr:`~heatmark.landmarks.registry.LandmarkContents.confidence`).
+
 Slicer has no 2D points: 2D landmarks are written with ``z = 0`` and read back as 2D with
 ``read_landmarks(..., spatial_dims=2)`` (the readers set ``LandmarkContents.always_3d``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,7 @@ from heatmark.landmarks.parsing import (
 )
 from heatmark.landmarks.registry import LandmarkContents, LandmarkFormat
 
-__all__ = ["FCSV_COLUMNS", "FCSV_FORMAT", "FCSV_VERSION", "MRK_JSON_FORMAT", "SLICER_MARKUPS_SCHEMA",
+__all__ = ["CONFIDENCE_DESCRIPTION", "FCSV_COLUMNS", "FCSV_FORMAT", "FCSV_VERSION", "MRK_JSON_FORMAT", "SLICER_MARKUPS_SCHEMA",
            "mrk_landmarks"]
 
 SLICER_MARKUPS_SCHEMA = (
@@ -49,6 +56,32 @@ FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock
 _FCSV_CODES = {"0": "RAS", "1": "LPS"}
 _MRK_STATUSES = {"defined": True, "preview": True, "undefined": False, "missing": False}  # status -> has a position
 _UNITS_TO_MM = {"mm": 1.0, "um": 1e-3}
+
+#: A control point's description holding its confidence (``str.format`` with ``value``).
+CONFIDENCE_DESCRIPTION = "confidence={value}"
+_CONFIDENCE = re.compile(r"^\s*confidence\s*[=:]\s*(\S+)\s*$", re.IGNORECASE)
+
+
+def _confidence_text(value: float) -> str:
+    """The description of a point with confidence ``value`` (full precision; empty for NaN)."""
+    return "" if np.isnan(value) else CONFIDENCE_DESCRIPTION.format(value=csv_cell(float(value)))
+
+
+def _parse_confidence(text: str) -> float:
+    """The confidence in a description written by :func:`_confidence_text`; NaN for any other text."""
+    m = _CONFIDENCE.match(text or "")
+    if not m:
+        return float("nan")
+    try:
+        return float(m.group(1))
+    except ValueError:
+        return float("nan")
+
+
+def _confidence_or_none(values: list[float]) -> np.ndarray | None:
+    """``(N,)`` confidences, or None when no point has one."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    return arr if np.isfinite(arr).any() else None
 
 
 def _as_3d(lm: Landmarks) -> np.ndarray:
@@ -71,8 +104,9 @@ def _mrk_units(path: Path, units: Any) -> float:
     return _UNITS_TO_MM[code]
 
 
-def _mrk_point(path: Path, i: int, cp: Any) -> tuple[np.ndarray, str]:
-    """Point (file frame and units; NaN when it has no position) and name of control point ``i``."""
+def _mrk_point(path: Path, i: int, cp: Any) -> tuple[np.ndarray, str, float]:
+    """Point (file frame and units; NaN when it has no position), name and confidence (NaN when
+    its description holds none) of control point ``i``."""
     if not isinstance(cp, dict):
         raise file_error(path, None, f"control point {i + 1} is not an object")
     status = cp.get("positionStatus", "defined")
@@ -86,7 +120,7 @@ def _mrk_point(path: Path, i: int, cp: Any) -> tuple[np.ndarray, str]:
     else:
         point = np.full(3, np.nan)
     name = str(cp.get("label") or cp.get("id") or i + 1).strip()
-    return point, name
+    return point, name, _parse_confidence(str(cp.get("description") or ""))
 
 
 def mrk_landmarks(path: Path, doc: dict) -> Landmarks:
@@ -94,6 +128,11 @@ def mrk_landmarks(path: Path, doc: dict) -> Landmarks:
 
     Also used for markups saved under a plain ``.json`` name.
     """
+    return _mrk_contents(path, doc)[0]
+
+
+def _mrk_contents(path: Path, doc: dict) -> tuple[Landmarks, np.ndarray | None]:
+    """The landmarks of :func:`mrk_landmarks` and the points' confidence (None: no point has one)."""
     markups = doc.get("markups")
     if not isinstance(markups, list):
         raise file_error(path, None, "'markups' must be a list (not a Slicer markups file?)")
@@ -107,22 +146,32 @@ def mrk_landmarks(path: Path, doc: dict) -> Landmarks:
     if not isinstance(control_points, list):
         raise file_error(path, None, "'controlPoints' must be a list")
     parsed = [_mrk_point(path, i, cp) for i, cp in enumerate(control_points)]
-    names = [n for _, n in parsed]
+    names = [n for _, n, _ in parsed]
     check_unique_names(path, names)
-    return landmarks_in_ras(make_landmarks(path, [p * scale for p, _ in parsed], names, 3), frame)
+    lm = landmarks_in_ras(make_landmarks(path, [p * scale for p, _, _ in parsed], names, 3), frame)
+    return lm, _confidence_or_none([c for _, _, c in parsed])
 
 
 def _read_mrk_json(path: Path) -> LandmarkContents:
     doc = load_json(path)
     if not isinstance(doc, dict):
         raise file_error(path, None, "expected a JSON object at the top level")
-    return LandmarkContents({None: mrk_landmarks(path, doc)}, always_3d=True)
+    lm, confidence = _mrk_contents(path, doc)
+    return LandmarkContents({None: lm}, always_3d=True, confidence=None if confidence is None else {None: confidence})
 
 
-def _mrk_json_text(lm: Landmarks, frame: CoordinateSystem) -> str:
+def _descriptions(lm: Landmarks, confidence: np.ndarray | None) -> list[str]:
+    """Each point's description: its confidence when given, else empty."""
+    if confidence is None:
+        return [""] * lm.num_landmarks
+    return [_confidence_text(c) for c in np.asarray(confidence, dtype=np.float64).reshape(-1)]
+
+
+def _mrk_json_text(lm: Landmarks, frame: CoordinateSystem, confidence: np.ndarray | None = None) -> str:
     control_points = []
+    descriptions = _descriptions(lm, confidence)
     for i, (name, p) in enumerate(zip(lm.names, convert_frame(_as_3d(lm), "RAS", frame))):
-        cp: dict[str, Any] = {"id": str(i + 1), "label": name, "description": "", "associatedNodeID": ""}
+        cp: dict[str, Any] = {"id": str(i + 1), "label": name, "description": descriptions[i], "associatedNodeID": ""}
         if np.isnan(p).any():
             cp["positionStatus"] = "missing"
         else:
@@ -144,14 +193,16 @@ def _mrk_json_text(lm: Landmarks, frame: CoordinateSystem) -> str:
     return json_text({"@schema": SLICER_MARKUPS_SCHEMA, "markups": [markup]})
 
 
-def _write_mrk_json(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None) -> None:
-    """One case in ``frame`` (mm); Slicer files hold no case id, so ``case`` is not written."""
-    atomic_write_text(path, _mrk_json_text(lm, frame))
+def _write_mrk_json(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None,
+                    confidence: np.ndarray | None = None) -> None:
+    """One case in ``frame`` (mm); Slicer files hold no case id, so ``case`` is not written;
+    ``(N,)`` ``confidence`` goes to the descriptions."""
+    atomic_write_text(path, _mrk_json_text(lm, frame, confidence))
 
 
 MRK_JSON_FORMAT = LandmarkFormat(
     name="mrk.json", suffixes=(".mrk.json",), default_frame="LPS", read=_read_mrk_json, write=_write_mrk_json,
-    description="3D Slicer markups JSON, one Fiducial markup",
+    description="3D Slicer markups JSON, one Fiducial markup", stores_confidence=True,
 )
 
 
@@ -181,7 +232,8 @@ def _fcsv_header(path: Path, comments: Sequence[tuple[int, str]]) -> tuple[Coord
 def _fcsv_names(labels: list[str], descs: list[str]) -> list[str]:
     """Point labels as names; when every label is a plain number and every description is set
     (AFIDs' convention: label "1", description "AC"), the descriptions; empty labels -> index."""
-    if labels and all(lb.isdigit() for lb in labels) and all(descs) and len(set(descs)) == len(descs):
+    named = all(descs) and not any(_CONFIDENCE.match(d) for d in descs)
+    if labels and all(lb.isdigit() for lb in labels) and named and len(set(descs)) == len(descs):
         return descs
     return [lb or str(i + 1) for i, lb in enumerate(labels)]
 
@@ -205,26 +257,30 @@ def _read_fcsv(path: Path) -> LandmarkContents:
     names = _fcsv_names(labels, descs)
     check_unique_names(path, names, [r.line for r in rows])
     lm = landmarks_in_ras(make_landmarks(path, points, names, 3), frame)
-    return LandmarkContents({None: lm}, always_3d=True)
+    confidence = _confidence_or_none([_parse_confidence(d) for d in descs])
+    return LandmarkContents({None: lm}, always_3d=True, confidence=None if confidence is None else {None: confidence})
 
 
-def _fcsv_text(lm: Landmarks, frame: CoordinateSystem) -> str:
+def _fcsv_text(lm: Landmarks, frame: CoordinateSystem, confidence: np.ndarray | None = None) -> str:
     header = "\n".join([f"# Markups fiducial file version = {FCSV_VERSION}", f"# CoordinateSystem = {frame}",
                         f"# columns = {','.join(FCSV_COLUMNS)}"])
     rows = []
+    descriptions = _descriptions(lm, confidence)
     for i, (name, p) in enumerate(zip(lm.names, convert_frame(_as_3d(lm), "RAS", frame))):
         visible = 0 if np.isnan(p).any() else 1
         rows.append([f"vtkMRMLMarkupsFiducialNode_{i + 1}", *(csv_cell(v) for v in p), 0, 0, 0, 1,
-                     visible, 1, 0, name, "", ""])
+                     visible, 1, 0, name, descriptions[i], ""])
     return csv_text(rows, comment=header)
 
 
-def _write_fcsv(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None) -> None:
-    """One case in ``frame`` (mm); Slicer files hold no case id, so ``case`` is not written."""
-    atomic_write_text(path, _fcsv_text(lm, frame))
+def _write_fcsv(path: Path, lm: Landmarks, frame: CoordinateSystem, case: str | None,
+                confidence: np.ndarray | None = None) -> None:
+    """One case in ``frame`` (mm); Slicer files hold no case id, so ``case`` is not written;
+    ``(N,)`` ``confidence`` goes to the ``desc`` column."""
+    atomic_write_text(path, _fcsv_text(lm, frame, confidence))
 
 
 FCSV_FORMAT = LandmarkFormat(
     name="fcsv", suffixes=(".fcsv",), default_frame="RAS", read=_read_fcsv, write=_write_fcsv,
-    description="3D Slicer markups fiducial CSV",
+    description="3D Slicer markups fiducial CSV", stores_confidence=True,
 )
