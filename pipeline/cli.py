@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "run a trained bundle over images: landmarks in world mm (CSV, Slicer)"),
     "demo": ("heatmark.demo", "add_demo_parser", "train, evaluate and predict on real MR data in one go"),
     "data": ("heatmark.data.fetch", "add_data_parser", "download public example data (AFIDs brain MR landmarks)"),
+    "export": ("heatmark.exporting", "add_export_parser",
+               "write the bundle's model as TorchScript or ONNX, checked against the eager model"),
+    "metadata": ("heatmark.bundle", "add_metadata_parser",
+                 "record the trained model in large_files.yml and the last evaluation in metadata.json"),
 }
 
 
@@ -81,10 +85,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from heatmark.training.tracking import run_ui  # lazy: CLI start-up (torch, MONAI, mlflow)
 
-    return run_ui(args.store, host=args.host, port=args.port)
+    return run_ui(args.store, host=args.host, port=args.port, workers=args.workers)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -138,11 +153,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("ui", help="open the MLflow UI on a run store",
-                       description="Start `mlflow ui` on the SQLite store of a bundle's runs.")
+                       description="Start `mlflow ui` on the SQLite store of a bundle's runs. Ctrl+C, SIGTERM "
+                                   "and SIGHUP stop the server and every process it started.")
     p.add_argument("store", nargs="?", default="bundles/isbi2015_cephalometric/runs",
                    help="folder holding mlruns.db, or a sqlite:/// URI (default: the ISBI bundle's runs)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="MLflow server worker processes (default 1; one is plenty for one person's runs)")
     p.set_defaults(func=cmd_ui)
     return parser
 

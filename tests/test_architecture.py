@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("heatmark.evaluation",),
     ("heatmark.bundle",),
     ("heatmark.predict",),
+    ("heatmark.exporting",),
     ("heatmark.demo",),
     ("heatmark.cli",),
     ("heatmark.__main__",),

@@ -35,7 +35,7 @@ from heatmark.evaluation import DecodeLandmarksd
 from heatmark.evaluation.decoding import decode_heatmaps
 from heatmark.core.fileio import TMP_PREFIX
 from heatmark.core.geometry import output_grid_affine
-from heatmark.landmarks import CSV_FRAME_COMMENT, read_landmark_table, read_landmarks
+from heatmark.landmarks import read_landmark_table, read_landmarks
 from heatmark.predict import runner
 from heatmark.predict.store import CaseStore
 from heatmark.transforms.io import DICOM_SUFFIXES
@@ -147,9 +147,10 @@ def test_outputs_of_a_folder(data):
     out = data["out"]
     assert data["code"] == 1, "some inputs failed -> exit status 1"
     text = (out / "landmarks.csv").read_text()
-    assert text.splitlines()[0] == CSV_FRAME_COMMENT
+    assert not text.startswith("#")  # a plain CSV: the frame is a column
     rows = read_csv(out / "landmarks.csv")
-    assert list(rows[0]) == ["case", "landmark", "name", "x_mm", "y_mm", "confidence"]
+    assert list(rows[0]) == ["case", "landmark", "name", "frame", "x_mm", "y_mm", "confidence"]
+    assert {r["frame"] for r in rows} == {"RAS"}
     table = read_landmark_table(out / "landmarks.csv")
     assert sorted(table) == GOOD
     for case in GOOD:

@@ -149,7 +149,7 @@ def test_write_evaluation_values(tmp_path):
     assert list(table) == cases
     for i, case in enumerate(cases):
         assert table[case] == Landmarks(pred[i], names)
-    assert out["predictions"].read_text().splitlines()[1] == "case,landmark,name,x_mm,y_mm"
+    assert out["predictions"].read_text().splitlines()[0] == "case,landmark,name,frame,x_mm,y_mm"
 
 
 def test_write_evaluation_3d_confidence_and_computed_errors(tmp_path):
@@ -161,7 +161,7 @@ def test_write_evaluation_3d_confidence_and_computed_errors(tmp_path):
     m = json.loads(out["metrics"].read_text())
     assert m["sdr_1mm"] == pytest.approx(40.0) and not any(k.startswith("outliers") for k in m)
     rows = _csv_rows(out["predictions"])
-    assert list(rows[0]) == ["case", "landmark", "name", "x_mm", "y_mm", "z_mm", "confidence"]
+    assert list(rows[0]) == ["case", "landmark", "name", "frame", "x_mm", "y_mm", "z_mm", "confidence"]
     assert float(rows[4]["confidence"]) == 0.6
     table = read_landmark_table(out["predictions"])
     assert table["c2"] == Landmarks(pred[1], ["A", "B", "C"])

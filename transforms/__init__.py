@@ -9,9 +9,11 @@ pairs, exact Gaussian heatmaps, and robust intensity normalisation.
 """
 
 from heatmark.transforms.augment import MemoizeTransformd, SeededRandomd
+from heatmark.transforms.cascade import RandFinePatchd, ResamplePatch, ResamplePatchd, patch_affine
 from heatmark.transforms.heatmap import GaussianHeatmap, GaussianHeatmapd
 from heatmark.transforms.intensity import RobustNormalize, RobustNormalized
 from heatmark.transforms.io import ImageLoadError, LoadLandmarkImage, LoadLandmarkImaged
+from heatmark.transforms.patches import RandLandmarkPatch, RandLandmarkPatchd, patch_voxels, without_fixed_size
 from heatmark.transforms.points import (
     LoadLandmarks,
     LoadLandmarksd,
@@ -22,6 +24,10 @@ from heatmark.transforms.points import (
 from heatmark.transforms.spatial import RandLandmarkElastic, RandLandmarkElasticd, RandLandmarkFlipd, SwapLandmarkPairs
 
 __all__ = [
+    "RandFinePatchd",
+    "ResamplePatch",
+    "ResamplePatchd",
+    "patch_affine",
     "GaussianHeatmap",
     "GaussianHeatmapd",
     "ImageLoadError",
@@ -33,6 +39,8 @@ __all__ = [
     "RandLandmarkElastic",
     "RandLandmarkElasticd",
     "RandLandmarkFlipd",
+    "RandLandmarkPatch",
+    "RandLandmarkPatchd",
     "RobustNormalize",
     "RobustNormalized",
     "SeededRandomd",
@@ -40,4 +48,6 @@ __all__ = [
     "WorldToVoxel",
     "WorldToVoxeld",
     "as_landmark_tensor",
+    "patch_voxels",
+    "without_fixed_size",
 ]

@@ -5,6 +5,8 @@ and the evaluation of a prediction file against the truth (:mod:`~heatmark.evalu
 
 from heatmark.evaluation.decoding import DecodedLandmarks, decode_heatmaps, decode_peaks
 from heatmark.evaluation.metrics import per_landmark_table, point_errors, summarize
+from heatmark.evaluation.sliding_window import (LocalHeatmaps, StreamingSlidingWindowInferer, landmark_inferer,
+                                               sliding_window_settings)
 from heatmark.evaluation.validation import DecodeLandmarksd, EvaluationWriter, LandmarkErrorMetric
 
 __all__ = [
@@ -12,9 +14,13 @@ __all__ = [
     "DecodedLandmarks",
     "EvaluationWriter",
     "LandmarkErrorMetric",
+    "LocalHeatmaps",
+    "StreamingSlidingWindowInferer",
     "decode_heatmaps",
     "decode_peaks",
+    "landmark_inferer",
     "per_landmark_table",
     "point_errors",
+    "sliding_window_settings",
     "summarize",
 ]

@@ -20,9 +20,12 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather
 
 from heatmark.core.fileio import safe_case_name
-from heatmark.evaluation.decoding import decode_heatmaps
-from heatmark.evaluation.metrics import DEFAULT_OUTLIER_RADII, DEFAULT_RADII, point_errors, radius_key, summarize
-from heatmark.evaluation.reports import plot_overlay, write_evaluation
+from heatmark.core.heatmaps import ChannelGroups
+from heatmark.evaluation.decoding import DecodedLandmarks, decode_channel_groups, decode_heatmaps
+from heatmark.evaluation.metrics import (DEFAULT_OUTLIER_RADII, DEFAULT_RADII, match_points, point_errors,
+                                         radius_key, summarize)
+from heatmark.evaluation.reports import image_source, original_or, plot_overlay, write_evaluation
+from heatmark.evaluation.sliding_window import LocalHeatmaps
 
 __all__ = ["DecodeLandmarksd", "LandmarkErrorMetric", "EvaluationWriter"]
 
@@ -38,14 +41,21 @@ class DecodeLandmarksd(MapTransform):
     Args:
         method, window: refinement, see :func:`heatmark.decoding.decode_heatmaps`.
         output_stride: the network's output stride (``network.output_stride`` where it has one).
+        channel_groups: the bundle's channel layout when landmarks share channels
+            (:func:`heatmark.evaluation.decoding.decode_channel_groups`); the prediction then has
+            ``C`` channels and the outputs still ``N`` landmarks. With the truth present, the
+            instances of each unordered group are put in the order of the true instances they match
+            best (Hungarian matching, no radius), so ``errors_mm`` are the matched errors.
     """
 
     def __init__(self, pred_key: str = Keys.PRED, image_key: str = Keys.IMAGE, truth_key: str | None = "landmarks",
-                 method: str = "quadratic", window: int = 1, output_stride: Sequence[int] | None = None):
+                 method: str = "quadratic", window: int = 1, output_stride: Sequence[int] | None = None,
+                 channel_groups: ChannelGroups | None = None):
         super().__init__(pred_key, allow_missing_keys=False)
         self.pred_key, self.image_key, self.truth_key = pred_key, image_key, truth_key
         self.method, self.window = method, window
         self.output_stride = tuple(output_stride) if output_stride is not None else None
+        self.channel_groups = None if channel_groups is None or channel_groups.is_identity else channel_groups
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -55,16 +65,52 @@ class DecodeLandmarksd(MapTransform):
             raise ValueError(f"d[{self.image_key!r}] carries no affine: cannot map landmarks to world coordinates")
         pred = d[self.pred_key]
         if affine.ndim == 2:
-            affine = affine.unsqueeze(0).expand(pred.shape[0], -1, -1)
-        dec = decode_heatmaps(torch.as_tensor(pred).detach(), method=self.method, window=self.window,
-                              output_stride=self.output_stride, affine=affine.to(pred.device))
+            affine = affine.unsqueeze(0).expand(len(pred.values) if isinstance(pred, LocalHeatmaps) else pred.shape[0],
+                                                -1, -1)
+        if isinstance(pred, LocalHeatmaps):  # streamed sliding windows: the boxes around the peaks
+            if self.channel_groups is not None:
+                raise ValueError("streamed sliding windows (sw_stream) do not support shared channels (channel_groups)")
+            dec = pred.decode(method=self.method, window=self.window, output_stride=self.output_stride, affine=affine)
+        elif self.channel_groups is None:
+            dec = decode_heatmaps(torch.as_tensor(pred).detach(), method=self.method, window=self.window,
+                                  output_stride=self.output_stride, affine=affine.to(pred.device))
+        else:
+            dec = decode_channel_groups(torch.as_tensor(pred).detach(), self.channel_groups, method=self.method,
+                                        window=self.window, output_stride=self.output_stride,
+                                        affine=affine.to(pred.device), input_shape=tuple(image.shape[2:]))
+        truth = None
+        if self.truth_key is not None and self.truth_key in d:
+            truth = torch.as_tensor(d[self.truth_key]).detach().to(torch.float64).cpu().numpy()
+            if self.channel_groups is not None:
+                dec = self._order_to_truth(dec, truth)
         d["pred_voxel"] = dec.voxel
         d["pred_world"] = dec.world
         d["confidence"] = dec.confidence
-        if self.truth_key is not None and self.truth_key in d:
-            truth = torch.as_tensor(d[self.truth_key]).detach().to(torch.float64).cpu().numpy()
+        if truth is not None:
             d["errors_mm"] = point_errors(dec.world.cpu().numpy(), truth)
         return d
+
+    def _order_to_truth(self, dec: DecodedLandmarks, truth: np.ndarray) -> DecodedLandmarks:
+        """Unordered groups' instances permuted within each group to the true instances they match."""
+        order = torch.arange(truth.shape[1]).repeat(truth.shape[0], 1)  # (B, N) source column per column
+        world = dec.world.cpu().numpy()
+        for g in self.channel_groups.groups:
+            if not g.shared or g.order != "unordered":
+                continue
+            cols = np.asarray(g.landmarks)
+            for b in range(truth.shape[0]):
+                pairs = match_points(world[b, cols], truth[b, cols], max_distance_mm=1e12).pairs
+                free_dst = [j for j in range(len(cols)) if j not in set(pairs[:, 1].tolist())]
+                free_src = [j for j in range(len(cols)) if j not in set(pairs[:, 0].tolist())]
+                dst = list(pairs[:, 1]) + free_dst
+                src = list(pairs[:, 0]) + free_src
+                order[b, cols[dst]] = torch.as_tensor(cols[src])
+        idx = order.to(dec.voxel.device)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return torch.gather(x, 1, idx.unsqueeze(-1).expand_as(x) if x.ndim == 3 else idx)
+
+        return DecodedLandmarks(voxel=take(dec.voxel), world=take(dec.world), confidence=take(dec.confidence))
 
 
 def _gather_rows(errors: np.ndarray) -> np.ndarray:
@@ -138,7 +184,8 @@ class EvaluationWriter:
         self.cases: list[str] = []
         self.pred: list[np.ndarray] = []
         self.truth: list[np.ndarray] = []
-        self.images: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # (case, image, affine, row)
+        # (case, network-grid image, its affine, row, source of the original image or None)
+        self.images: list[tuple[str, np.ndarray, np.ndarray, int, dict | None]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._reset())
@@ -158,7 +205,7 @@ class EvaluationWriter:
                 break
             affine = image.affine[i] if image.affine.ndim == 3 else image.affine
             self.images.append((self.cases[first_row + i], image[i, 0].detach().float().cpu().numpy(),
-                                affine.detach().cpu().numpy(), first_row + i))
+                                affine.detach().cpu().numpy(), first_row + i, image_source(image[i])))
         self.pred.append(pred)
         if isinstance(batch, Mapping) and self.truth_key in batch:
             self.truth.append(torch.as_tensor(batch[self.truth_key]).double().cpu().numpy())
@@ -169,7 +216,8 @@ class EvaluationWriter:
         errors = point_errors(pred, truth) if truth is not None else None
         files = write_evaluation(self.output_dir, errors, self.cases, self.names, pred, truth, radii=self.radii,
                                  outlier_radii=self.outlier_radii)
-        for case, image, affine, row in self.images:
+        for case, image, affine, row, source in self.images:
+            image, affine = original_or(source, image, affine)  # drawn on the original image when readable
             files[f"overlay_{case}"] = plot_overlay(
                 image, affine, pred[row], self.output_dir / f"overlay_{safe_case_name(case)}.png",
                 truth_world=truth[row] if truth is not None else None, names=self.names, title=case)

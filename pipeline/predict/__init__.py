@@ -20,8 +20,12 @@ The flow, one module per step::
     dataset.py   CaseDataset, collate               preprocessing in DataLoader workers: a case or
                                                     an error record, never an exception
     runner.py    run_predict, infer_group           inferer + decoding per batch, the loop, Ctrl-C
+    distributed.py  ranks_from_env, Ranks, shard    torchrun: which cases this process takes
+    backends.py  OnnxRuntimeNetwork,                --backend onnxruntime: the network call on the
+                 load_onnx_network                  exported models/model.onnx (heatmark export), CPU
     export.py    write_case, write_tables           per-case files, then the tables from the states
-    cli.py       add_predict_parser, cmd_predict, main
+    cli.py       add_predict_parser, cmd_predict,   the command line; run_inference for
+                 main, run_inference                `python -m monai.bundle run inference`
     options.py   PredictOptions, PredictSummary     what a run takes and gives (exit status)
     errors.py    PredictUsageError,                 usage errors; OUTPUT write failures; one-line
                  PredictOutputError, describe       reasons for errors.csv
@@ -33,18 +37,19 @@ per line (relative to the list's folder; blank lines and ``#`` comments are skip
 
 Layout of OUTPUT::
 
-    landmarks.csv          case,landmark,name,x_mm,y_mm[,z_mm],confidence (RAS mm, stated in
-                           the first comment line), every case done, sorted by case
+    landmarks.csv          case,landmark,name,frame,x_mm,y_mm[,z_mm],confidence (frame: RAS,
+                           mm), every case done, sorted by case; a plain CSV (pandas.read_csv)
     measurements.csv       case,<measurement names...> when the bundle defines `measurements`
     errors.csv             case,path,error: every input that could not be processed (header only
                            when none failed), implausible images included (see below)
     warnings.csv           case,path,warning: per case done, each landmark set missing because it
                            was predicted outside the image (header only when none)
-    <case>.mrk.json        per case, 3D Slicer markups (LPS, as Slicer writes them); and/or
+    <case>.mrk.json        per case, 3D Slicer markups (LPS, as Slicer writes them; each point's
+                           description is confidence=<value>); and/or
     <case>.fcsv / .json    per --format (fcsv in RAS; heatmark's plain JSON in RAS)
     <case>_heatmaps.nii.gz with --save-heatmaps: the network output, landmarks along the 4th axis
                            (2D: X x Y x 1 x N), with the output grid's affine
-    <case>_overlay.png     with --overlays
+    <case>_overlay.png     with --overlays: the landmarks on the original image, axes in mm
     .heatmark/run.json     what produced the folder (model and config hashes, options)
     .heatmark/cases/<case>.json   per-case state: the landmarks, confidence, measurements and
                            files of a case done, or the error of a case that failed
@@ -92,6 +97,17 @@ Rows are sorted by case, numbers written at full precision, and every forward pa
 ``--batch-size`` (partial batches are padded), so an interrupted and resumed run gives the same
 ``landmarks.csv`` as an uninterrupted one with the same options, byte for byte.
 
+Several processes: under ``torchrun --nproc_per_node N -m heatmark predict ...``
+(:mod:`heatmark.predict.distributed`) rank 0 prepares OUTPUT (debris, run.json, results of another
+run), the cases still to do are dealt round-robin over the ranks, each rank writes only its cases'
+files and states, and after a barrier rank 0 rebuilds the tables from all the states (tables are not
+rewritten during such a run). A killed run resumes from the states, with any number of processes;
+the merged files equal a single-process run's with the same threads per process.
+
+MONAI: ``python -m monai.bundle run inference ... --input_dir IN --output_dir OUT`` builds the
+``inference`` section of the shipped ``inference.yaml``, whose ``run`` entry calls
+:func:`run_inference` with the config's ``predict_options``: the same run as ``heatmark predict``.
+
 Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv) or
 OUTPUT could not be written, 2 usage errors (missing bundle or model, no inputs, bad option, symbolic
 links in OUTPUT), 130 interrupted (Ctrl-C).
@@ -100,7 +116,7 @@ links in OUTPUT), 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 from heatmark.predict.checks import ImageChecks
-from heatmark.predict.cli import add_predict_parser, cmd_predict, main
+from heatmark.predict.cli import add_predict_parser, cmd_predict, main, predict_and_report, run_inference
 from heatmark.predict.errors import PredictOutputError, PredictUsageError
 from heatmark.predict.inputs import (
     CASE_FILE_KINDS,
@@ -141,6 +157,8 @@ __all__ = [
     "add_predict_parser",
     "cmd_predict",
     "main",
+    "predict_and_report",
+    "run_inference",
     "run_predict",
     "find_inputs",
     "assign_case_names",

@@ -3,8 +3,9 @@
 
 It loads a bundle with the same code as ``heatmark predict`` (:func:`heatmark.predict.load_bundle`:
 the model file's description decides the network and its input grid) and runs the same steps per
-case: the bundle's preprocessing with the plausibility checks, the inferer, the decoding, and
-landmarks predicted outside the image set missing (listed in :attr:`Prediction.warnings`)::
+case: the bundle's preprocessing with the plausibility checks, the inferer, the decoding, the fine
+stage of a cascade when the bundle has one (:mod:`heatmark.predict.cascade`), and landmarks
+predicted outside the image set missing (listed in :attr:`Prediction.warnings`)::
 
     import heatmark
     model = heatmark.load_model("bundles/isbi2015_cephalometric")
@@ -27,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from heatmark.landmarks import Landmarks
+from heatmark.predict.cascade import refine_result
 from heatmark.predict.checks import refuse_outside
 from heatmark.predict.dataset import CaseDataset, collate
 from heatmark.predict.model import LoadedBundle, load_bundle
@@ -136,11 +138,15 @@ class LandmarkModel:
                 raise ValueError(f"cannot predict {_name(images[int(rec['case'])])}: {rec['error']}")
             for group in batch["groups"]:
                 out = infer_group(self.bundle, group, batch_size)
-                for case, result, geometry in zip(group["cases"], out, group["geometries"]):
+                for case, source, result, geometry in zip(group["cases"], group["paths"], out, group["geometries"]):
                     if isinstance(result, str):
                         raise ValueError(f"cannot predict {_name(images[int(case)])}: {result}")
-                    world, warnings = refuse_outside(result["world"], geometry, self.bundle.names,
-                                                     self.bundle.checks.max_outside_mm)
+                    problem = refine_result(self.bundle, source, result)  # a cascade's fine stage (else nothing)
+                    if problem is not None:
+                        raise ValueError(f"cannot predict {_name(images[int(case)])}: {problem}")
+                    world, outside = refuse_outside(result["world"], geometry, self.bundle.names,
+                                                    self.bundle.checks.max_outside_mm)
+                    warnings = [*result["warnings"], *outside]
                     results[int(case)] = Prediction(coords=np.asarray(world, dtype=np.float64),
                                                     names=list(self.bundle.names),
                                                     confidence=np.asarray(result["confidence"], dtype=np.float64),

@@ -1,5 +1,7 @@
 """The ``heatmark predict`` command line: :func:`add_predict_parser` (for ``heatmark``'s
-subcommands), :func:`cmd_predict` and :func:`main` (``python -m heatmark.predict``).
+subcommands), :func:`cmd_predict` and :func:`main` (``python -m heatmark.predict``); and
+:func:`run_inference`, what ``python -m monai.bundle run inference`` calls (``inference#run`` in the
+shipped ``inference.yaml``): the same run, its options taken from the bundle config.
 
 Exit status: 0 all inputs done (or skipped as done before), 1 some failed (see errors.csv) or
 OUTPUT could not be written (one line; ``--debug`` adds the traceback), 2 usage errors (missing
@@ -9,10 +11,12 @@ bundle or model, no inputs, bad option, symbolic links in OUTPUT), 130 interrupt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from heatmark.predict.errors import PredictOutputError, PredictUsageError, describe
@@ -20,13 +24,14 @@ from heatmark.predict.options import (
     DEFAULT_FORMATS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_USAGE,
     FORMATS,
     PredictOptions,
 )
 from heatmark.predict.runner import run_predict
 
-__all__ = ["add_predict_parser", "cmd_predict", "main"]
+__all__ = ["add_predict_parser", "cmd_predict", "main", "predict_and_report", "run_inference"]
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer >= ``minimum``."""
@@ -84,6 +89,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", action="store_true", help="write <case>_overlay.png")
     p.add_argument("--overwrite", action="store_true", help="redo cases already done in OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="where the network runs: torch (default; the model file, --device) or onnxruntime "
+                        "(models/model.onnx from `heatmark export BUNDLE --format onnx`, on CPU)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error that stops the run")
 
 
@@ -108,36 +116,72 @@ def _options_from_args(args: argparse.Namespace) -> PredictOptions:
         num_workers=args.num_workers, spacing=args.spacing, pixel_units=args.pixel_units, amp=args.amp,
         save_heatmaps=args.save_heatmaps, overlays=args.overlays,
         formats=tuple(args.formats) if args.formats else DEFAULT_FORMATS, overwrite=args.overwrite,
-        recursive=args.recursive, pattern=args.pattern, progress=not args.quiet)
+        recursive=args.recursive, pattern=args.pattern, progress=not args.quiet,
+        backend=getattr(args, "backend", "torch"))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``heatmark predict``: returns the exit status (0, 1, 2 or 130).
+    """``heatmark predict``: returns the exit status (0, 1, 2 or 130); see :func:`predict_and_report`."""
+    return predict_and_report(_options_from_args(args), debug=bool(getattr(args, "debug", False)))
 
-    An error that stops the run is one line on stderr (with ``--debug``, after its traceback):
+
+def predict_and_report(opts: PredictOptions, debug: bool = False, prog: str = "heatmark predict") -> int:
+    """Run :func:`run_predict` and report as the command line does; returns the exit status.
+
+    An error that stops the run is one line on stderr (with ``debug``, after its traceback):
     a usage error exits 2; a failure to write OUTPUT (:class:`PredictOutputError`) or any other
-    ``OSError`` (reading the bundle, say) exits 1.
+    ``OSError`` (reading the bundle, say) exits 1. Under torchrun only rank 0 prints the summary
+    (the counts of all processes).
     """
-    debug = bool(getattr(args, "debug", False))
     try:
-        summary = run_predict(_options_from_args(args))
+        summary = run_predict(opts)
     except PredictUsageError as e:
-        print(f"heatmark predict: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("heatmark predict: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (PredictOutputError, OSError) as e:
         if debug:
             traceback.print_exc()
-        print(f"heatmark predict: error: {e if isinstance(e, PredictOutputError) else describe(e)}",
-              file=sys.stderr)
+        print(f"{prog}: error: {e if isinstance(e, PredictOutputError) else describe(e)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"heatmark predict: {summary.line()}")
+    if summary.rank == 0:
+        print(f"{prog}: {summary.line()}")
     if summary.interrupted:
-        print(f"heatmark predict: interrupted; the files in {summary.output} are consistent for the cases done. "
+        print(f"{prog}: interrupted; the files in {summary.output} are consistent for the cases done. "
               "Run the same command again to resume.", file=sys.stderr)
     return summary.exit_code
+
+
+def run_inference(bundle_root: str | os.PathLike, input_dir: str | os.PathLike | None,
+                  output_dir: str | os.PathLike, options: Mapping[str, Any] | None = None) -> int:
+    """``python -m monai.bundle run inference``: ``heatmark predict bundle_root input_dir output_dir``
+    with ``options`` (the config's ``predict_options``: :class:`PredictOptions` fields such as
+    ``configs``, ``device``, ``batch_size``, ``formats``). Same outputs, resume and torchrun sharding.
+
+    Returns 0 when every input is done; otherwise stops the process with the exit status of
+    ``heatmark predict`` (1 some inputs failed, 2 usage error, 130 interrupted) after one line.
+    """
+    prog = "heatmark inference"
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(PredictOptions)} - {"bundle", "input", "output"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        print(f"{prog}: error: unknown predict_options {', '.join(map(repr, unknown))}; known: "
+              f"{', '.join(sorted(fields))}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    if input_dir is None or not str(input_dir).strip():
+        print(f"{prog}: error: no input: pass --input_dir IMAGES (an image, a folder or a .txt/.lst list)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    if "configs" in options:
+        options["configs"] = tuple(options["configs"] or ())
+    opts = PredictOptions(bundle=bundle_root, input=input_dir, output=output_dir, **options)
+    code = predict_and_report(opts, prog=prog)
+    if code != EXIT_OK:
+        raise SystemExit(code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

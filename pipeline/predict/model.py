@@ -32,6 +32,8 @@ from heatmark.bundle import BundleError, bundle_config_files, check_bundle
 from heatmark.core.axes import per_axis
 from heatmark.core.fileio import sha256_file
 from heatmark.evaluation.metrics import measure
+from heatmark.predict.backends import load_onnx_network
+from heatmark.predict.cascade import FineStage, load_fine_stage
 from heatmark.predict.checks import CheckImaged, ImageChecks
 from heatmark.predict.errors import PredictUsageError, describe
 from heatmark.predict.options import PredictOptions
@@ -54,7 +56,8 @@ class LoadedBundle:
         preprocessing: ``inference#preprocessing``: ``{image_key: path}`` -> preprocessed image.
         inferer: ``inference#inferer``: ``inferer(images, network)`` -> heatmaps.
         postprocessing: ``inference#postprocessing``: heatmaps -> ``pred_world``, ``confidence``.
-        names: ``landmark_names``.
+        names: ``landmark_names`` (the members of an unordered shared channel group as
+            ``<group>#<k>``, :meth:`heatmark.core.heatmaps.ChannelGroups.output_names`).
         spatial_dims: 2 or 3.
         output_stride: input voxels per heatmap voxel, per axis.
         measurements: the bundle's ``measurements`` definitions; ``measurement_names`` their columns.
@@ -63,6 +66,10 @@ class LoadedBundle:
         fingerprint: what makes results comparable (model and config hashes, spacing, landmarks).
         checks: the plausibility limits (:mod:`heatmark.predict.checks`); ``preprocessing``
             applies the image checks right after the loader.
+        fine: the fine stage of a coarse-to-fine cascade (:mod:`heatmark.predict.cascade`) when
+            the bundle has a fine model beside the coarse one, else None.
+        num_channels: the network's output channels (``num_channels`` of the configs, fewer than
+            the names when landmarks share channels); None: one per name.
     """
 
     root: Path
@@ -82,6 +89,8 @@ class LoadedBundle:
     image_key: str = "image"
     pred_key: str = "pred"
     checks: ImageChecks = field(default_factory=ImageChecks)
+    num_channels: int | None = None
+    fine: FineStage | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,7 +194,7 @@ def _with_checks(preprocessing: Callable, loader: Any, check: CheckImaged) -> Ca
 
 
 #: config keys a model file's description fixes (the network_def aside)
-DESCRIBED_KEYS = ("spatial_dims", "landmark_names", "spacing_mm", "input_size", "decode_method")
+DESCRIBED_KEYS = ("spatial_dims", "landmark_names", "spacing_mm", "input_size", "decode_method", "channel_groups")
 
 
 def _overlay_keys(overlays: Sequence[Path]) -> set[str]:
@@ -236,6 +245,30 @@ def _apply_description(parser: ConfigParser, description: Mapping[str, Any], ove
         parser["network_def"] = copy.deepcopy(definition)
     for key, value in described.items():
         parser[key] = copy.deepcopy(value)
+    if "sliding_window" in description:
+        _apply_sliding_window(parser, description["sliding_window"], given)
+
+
+#: a model file's ``sliding_window`` entries -> the config keys they set
+SLIDING_WINDOW_KEYS = {"patch_size": "patch_size", "overlap": "sw_overlap", "mode": "sw_mode",
+                       "sw_batch_size": "sw_batch_size", "stream": "sw_stream"}
+
+
+def _apply_sliding_window(parser: ConfigParser, settings: Mapping[str, Any] | None, given: set[str]) -> None:
+    """Infer as the model was trained: sliding windows of its patch size (``settings``, from
+    :func:`heatmark.evaluation.sliding_window_settings`), or the whole input when it recorded None.
+    Keys the explicitly given overlays set win (a fully convolutional network may use other windows)."""
+    if isinstance(settings, Mapping):
+        values = {key: settings[k] for k, key in SLIDING_WINDOW_KEYS.items() if k in settings}
+    else:
+        values = {"patch_size": None}
+    if "patch_size" in given or "patch_size_mm" in given:
+        values.pop("patch_size", None)
+    elif "patch_size" in values:
+        parser["patch_size_mm"] = None
+    for key, value in values.items():
+        if key not in given:
+            parser[key] = copy.deepcopy(value)
 
 
 def load_bundle(opts: PredictOptions) -> LoadedBundle:
@@ -266,6 +299,11 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
         _apply_description(parser, description, files[len(files) - len(opts.configs):], model, get)
 
     names = [str(n) for n in get("landmark_names")]
+    # shared output channels (channel_groups): C channels; an unordered group's rows are `<group>#<k>`
+    layout = get("channel_layout", None)
+    num_channels = None if layout is None else int(layout.num_channels)
+    if layout is not None and not layout.is_identity:
+        names = list(layout.output_names())
     spatial_dims = int(get("spatial_dims"))
     preprocessing = get("inference#preprocessing", what=" (with --spacing)" if opts.spacing is not None else "")
     inferer = get("inference#inferer")
@@ -292,7 +330,10 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
     image_key = str(getattr(postprocessing, "image_key", "image"))
     preprocessing = _with_checks(preprocessing, get("inference#loader", None), CheckImaged(checks, image_key))
 
-    device = resolve_device(opts.device)
+    onnx = getattr(opts, "backend", "torch") == "onnxruntime"
+    if onnx and str(opts.device or "auto") not in ("auto", "cpu"):
+        raise PredictUsageError(f"--backend onnxruntime runs on CPU; leave out --device {opts.device} or pass --device cpu")
+    device = resolve_device("cpu" if onnx else opts.device)
     # --amp / --no-amp decide; else the bundle's `amp` (true/false/auto) on CUDA; CPU prediction is float32
     setting = bool(opts.amp) if opts.amp is not None else (get("amp", "auto") if device.type == "cuda" else False)
     try:
@@ -301,18 +342,27 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
         raise PredictUsageError(f"bundle {bundle}: {e}") from None
     amp, amp_dtype = chosen.enabled, chosen.dtype
     network = network.to(device).eval()
+    model_sha256 = sha256_file(model)
+    if onnx:  # the same pipeline; only the network call goes to ONNX Runtime (heatmark.predict.backends)
+        network = load_onnx_network(model, model_sha256)
+    fine = load_fine_stage(parser, bundle, model, list(opts.configs), device, image_key)
 
     fingerprint = {
-        "model_sha256": sha256_file(model),
+        "model_sha256": model_sha256,
         "configs_sha256": _configs_sha256(files),
         "image_spacing": None if opts.spacing is None else [float(s) for s in opts.spacing],
         "pixel_units": bool(opts.pixel_units),
         "landmark_names": names,
         "spatial_dims": spatial_dims,
     }
+    if onnx:  # another runtime computes in other last bits: a resumed run must not mix the two
+        fingerprint["backend"] = "onnxruntime"
+    if fine is not None:  # a cascade: the fine model decides the results too
+        fingerprint["fine_model_sha256"] = fine.sha256
     return LoadedBundle(root=bundle, network=network, preprocessing=preprocessing, inferer=inferer,
                         postprocessing=postprocessing, names=names, spatial_dims=spatial_dims,
                         output_stride=output_stride, measurements=measurements,
                         measurement_names=measurement_names, device=device, amp=amp,
                         amp_kwargs={"dtype": amp_dtype}, fingerprint=fingerprint, image_key=image_key,
-                        pred_key=str(getattr(postprocessing, "pred_key", "pred")), checks=checks)
+                        pred_key=str(getattr(postprocessing, "pred_key", "pred")), checks=checks, fine=fine,
+                        num_channels=num_channels)

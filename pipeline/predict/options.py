@@ -45,12 +45,14 @@ class PredictOptions:
     recursive: bool = False
     pattern: str | None = None
     progress: bool = True
+    backend: str = "torch"  # where the network runs: torch, or onnxruntime (models/model.onnx, CPU)
 
 
 @dataclass
 class PredictSummary:
     """What a run did. ``failures`` are ``(case, path, error)`` of this run; ``warned`` counts the
-    landmarks of this run's cases set missing (predicted outside the image, see warnings.csv)."""
+    landmarks of this run's cases set missing (predicted outside the image, see warnings.csv). Under
+    torchrun the counts are those of all processes (of this one after an interruption)."""
 
     output: Path
     total: int = 0
@@ -61,6 +63,8 @@ class PredictSummary:
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    rank: int = 0  # under torchrun: this process's rank (0 prints the summary) and the number of processes
+    world_size: int = 1
 
     @property
     def exit_code(self) -> int:
@@ -70,8 +74,9 @@ class PredictSummary:
 
     def line(self) -> str:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+        procs = f" over {self.world_size} processes" if self.world_size > 1 else ""
         text = (f"{self.processed} processed, {self.skipped} skipped (done before), {self.failed} failed "
-                f"in {self.seconds:.1f} s ({rate:.2f} cases/s); results in {self.output}")
+                f"in {self.seconds:.1f} s ({rate:.2f} cases/s{procs}); results in {self.output}")
         if self.failed:
             text += f" (failures listed in {self.output / 'errors.csv'})"
         if self.warned:
@@ -100,6 +105,8 @@ def check_options(opts: PredictOptions) -> PredictOptions:
                 formats.append(f)
     if not formats:
         raise PredictUsageError(f"--format: choose at least one of {', '.join(FORMATS)}")
+    if opts.backend not in ("torch", "onnxruntime"):
+        raise PredictUsageError(f"--backend {opts.backend!r}: choose torch or onnxruntime")
     if int(opts.batch_size) < 1:
         raise PredictUsageError(f"--batch-size must be at least 1, got {opts.batch_size}")
     workers = min(4, os.cpu_count() or 1) if opts.num_workers is None else int(opts.num_workers)

@@ -15,11 +15,16 @@ and case file the run will write is checked not to be a symbolic link
 (:func:`~heatmark.predict.store.check_inside`), and no two cases to name the same file. Data
 loading workers end with this process (:func:`~heatmark.predict.dataset.die_with_parent`). An
 ``OSError`` writing OUTPUT stops the run (:class:`~heatmark.predict.errors.PredictOutputError`).
+
+Under torchrun (:mod:`~heatmark.predict.distributed`) rank 0 alone prepares OUTPUT; every rank then
+reads the states, takes its share of the cases to do and writes only those; rank 0 writes the tables
+once, after a barrier, from all the states on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -32,8 +37,11 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from heatmark.evaluation.sliding_window import LocalHeatmaps
+from heatmark.predict.cascade import refine_result
 from heatmark.predict.checks import refuse_outside
 from heatmark.predict.dataset import CaseDataset, collate, die_with_parent
+from heatmark.predict.distributed import Ranks, ranks_from_env, shard
 from heatmark.predict.errors import PredictOutputError, PredictUsageError, describe, writing
 from heatmark.predict.export import TABLES, case_files, write_case, write_tables
 from heatmark.predict.inputs import STATE_DIR, assign_case_names, check_input, find_inputs
@@ -68,11 +76,17 @@ def infer(bundle: LoadedBundle, images: torch.Tensor, affines: torch.Tensor, pad
     with torch.inference_mode():
         with autocast_context(bundle.device, bundle.amp, bundle.amp_kwargs):
             pred = bundle.inferer(x, bundle.network)
-        pred = pred[:b].float()
-        if pred.ndim != bundle.spatial_dims + 2 or pred.shape[:2] != (b, len(bundle.names)):
-            raise CaseFailure(f"the network output has shape {tuple(pred.shape)}; expected "
-                              f"({b}, {len(bundle.names)}, ...) heatmaps")
-        finite = torch.isfinite(pred.flatten(1)).all(dim=1).cpu()
+        streamed = isinstance(pred, LocalHeatmaps)  # sw_stream: boxes around the peaks, no full heatmaps
+        if streamed and keep_heatmaps:
+            raise CaseFailure("--save-heatmaps needs the full heatmaps, which streamed sliding windows (sw_stream) "
+                              "never hold; predict with sw_stream False to save them")
+        pred = pred[:b] if streamed else pred[:b].float()
+        dense = pred.values if streamed else pred
+        channels = bundle.num_channels or len(bundle.names)  # fewer than the names with shared channels
+        if dense.ndim != bundle.spatial_dims + 2 or dense.shape[:2] != (b, channels):
+            raise CaseFailure(f"the network output has shape {tuple(dense.shape)}; expected "
+                              f"({b}, {channels}, ...) heatmaps")
+        finite = pred.finite.all(dim=1).cpu() if streamed else torch.isfinite(pred.flatten(1)).all(dim=1).cpu()
         try:
             out = bundle.postprocessing({bundle.pred_key: pred,
                                          bundle.image_key: MetaTensor(images, affine=affines)})
@@ -122,8 +136,41 @@ def _check_unique_files(out: Path, cases: list[str], opts: PredictOptions) -> No
                                         "rename one of the inputs")
 
 
+def _prepare_output(out: Path, store: CaseStore, bundle: LoadedBundle, opts: PredictOptions,
+                    paths: list[Path]) -> None:
+    """Clean and reconcile OUTPUT before any case runs: temporary debris, results of another run
+    (:func:`~heatmark.predict.store.check_run_file`), states of inputs that now have another case
+    name. With several processes only rank 0 does it, before the others read the states."""
+    state = out / STATE_DIR
+    remove_debris([out, store.dir, state])
+    store.load()
+    check_run_file(out, store, bundle, opts)
+    # the same input keeps one name; cases of other inputs already in OUTPUT keep theirs
+    sources = {os.path.abspath(p) for p in paths}
+    cases = assign_case_names(paths, reserved=[c for c, s in store.states.items() if s.get("source") not in sources])
+    current = {os.path.abspath(p): c for p, c in zip(paths, cases)}
+    for case, s in list(store.states.items()):
+        if s.get("source") in current and current[s["source"]] != case:
+            store.drop(case)  # superseded: that input now has another name (the input set changed)
+
+
+def _merge_summaries(summary: PredictSummary, parts: list[dict]) -> None:
+    """Add the counts of every rank (``parts``, in rank order) into ``summary`` (skipped and total
+    are the same on every rank)."""
+    summary.processed = sum(p["processed"] for p in parts)
+    summary.failed = sum(p["failed"] for p in parts)
+    summary.warned = sum(p["warned"] for p in parts)
+    summary.failures = sorted(f for p in parts for f in p["failures"])
+
+
 def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) -> PredictSummary:
     """Run a bundle over the inputs; see :mod:`heatmark.predict`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`heatmark.predict.distributed`) every process runs
+    this function on the same options: rank 0 prepares OUTPUT, each rank predicts its share of the
+    cases still to do and writes only their files and states, and after a barrier rank 0 rebuilds
+    the tables from all the states on disk. The returned summary then counts the cases of all ranks
+    (``rank`` says whose it is); after an interruption only this rank's.
 
     Args:
         opts: what to run on what, and what to write.
@@ -136,6 +183,9 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
     """
     t0 = time.perf_counter()
     opts = check_options(opts)
+    ranks = ranks_from_env()
+    if ranks.active:  # one device per process; one progress bar (rank 0's share)
+        opts = dataclasses.replace(opts, device=ranks.device(opts.device), progress=opts.progress and ranks.is_main)
     out = Path(os.path.realpath(os.path.expanduser(os.fspath(opts.output))))  # resolved once
     if out.exists() and not out.is_dir():
         raise PredictUsageError(f"OUTPUT exists and is not a folder: {out}")
@@ -144,26 +194,46 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
         raise PredictUsageError("OUTPUT must not be the INPUT folder")
     bundle = load_bundle(opts)
     paths = find_inputs(src, opts.recursive, opts.pattern, bundle.spatial_dims, exclude=[out])
-    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    ranks.start()
+    try:
+        return _run(opts, log, ranks, t0, out, bundle, paths)
+    finally:
+        ranks.stop()
 
+
+def _run(opts: PredictOptions, log: Callable[[str], None] | None, ranks: Ranks, t0: float, out: Path,
+         bundle: LoadedBundle, paths: list[Path]) -> PredictSummary:
+    """:func:`run_predict` from the creation of OUTPUT on, in the process group of ``ranks``."""
+    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     with writing(out, "create the folder"):
         out.mkdir(parents=True, exist_ok=True)
     store = CaseStore(out, bundle.names, bundle.spatial_dims)
     state = out / STATE_DIR
     check_inside(out, [state, store.dir, state / "run.json", *(out / t for t in TABLES)])
-    remove_debris([out, store.dir, state])
-    store.load()
-    check_run_file(out, store, bundle, opts)
-    # cases of other inputs already in OUTPUT keep their names; the same input keeps one name
+    problem: tuple | None = None  # rank 0's set-up error, as plain values every rank can rebuild
+    if ranks.is_main:
+        try:
+            _prepare_output(out, store, bundle, opts, paths)
+        except PredictUsageError as e:
+            if not ranks.active:
+                raise
+            problem = ("usage", str(e))
+        except PredictOutputError as e:
+            if not ranks.active:
+                raise
+            problem = ("output", e.path, e.error.errno, e.error.strerror or str(e.error))
+    problem = ranks.broadcast(problem)  # every rank stops with it instead of waiting at the barrier
+    if problem is not None:
+        if problem[0] == "usage":
+            raise PredictUsageError(problem[1])
+        raise PredictOutputError(problem[1], OSError(problem[2], problem[3]))
+    if not ranks.is_main:
+        store.load()  # after rank 0's clean-up, before any rank writes
     sources = {os.path.abspath(p) for p in paths}
     cases = assign_case_names(paths, reserved=[c for c, s in store.states.items() if s.get("source") not in sources])
-    current = {os.path.abspath(p): c for p, c in zip(paths, cases)}
-    for case, s in list(store.states.items()):
-        if s.get("source") in current and current[s["source"]] != case:
-            store.drop(case)  # superseded: that input now has another name (the input set changed)
     _check_unique_files(out, sorted(set(cases) | set(store.states)), opts)
 
-    summary = PredictSummary(output=out, total=len(paths))
+    summary = PredictSummary(output=out, total=len(paths), rank=ranks.rank, world_size=ranks.world_size)
     todo = []
     for p, c in zip(paths, cases):
         if not opts.overwrite and store.is_done(c, str(p), case_files(c, opts)):
@@ -171,13 +241,25 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
         else:
             todo.append((c, str(p)))
     check_inside(out, [p for c, _ in todo for p in (store.state_file(c), *(out / f for f in case_files(c, opts)))])
-    write_run_file(out, bundle, opts)
+    if ranks.is_main:
+        write_run_file(out, bundle, opts)
+    ranks.barrier()  # every rank has read the states before any writes new ones
+    todo = shard(todo, ranks.rank, ranks.world_size)
 
     def fail(case: str, path: str, error: str) -> None:
         store.put_failed(case, path, error)
         summary.failed += 1
         summary.failures.append((case, path, error))
         say(f"failed: {case} ({path}): {error}")
+
+    def tables() -> None:
+        """The tables from the states: this process's (alone) or all on disk (rank 0 of several)."""
+        if not ranks.active:
+            write_tables(out, store.states, bundle, opts)
+        elif ranks.is_main:
+            merged = CaseStore(out, bundle.names, bundle.spatial_dims)
+            merged.load()
+            write_tables(out, merged.states, bundle, opts)
 
     dataset = CaseDataset(todo, bundle.preprocessing, bundle.spatial_dims, bundle.image_key)
     workers = min(opts.num_workers, -(-len(todo) // opts.batch_size))  # no idle worker processes
@@ -204,10 +286,16 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
                         fail(case, path, result)
                         bar.update(1)
                         continue
-                    result["world"], result["warnings"] = refuse_outside(
+                    problem = refine_result(bundle, path, result)  # a cascade's fine stage (else nothing)
+                    if problem is not None:
+                        fail(case, path, problem)
+                        bar.update(1)
+                        continue
+                    result["world"], outside = refuse_outside(
                         result["world"], geometry, bundle.names, bundle.checks.max_outside_mm)
+                    result["warnings"] = [*result["warnings"], *outside]
                     try:
-                        payload = write_case(out, case, result, bundle, opts)
+                        payload = write_case(out, case, result, bundle, opts, source=path)
                     except (KeyboardInterrupt, SystemExit, PredictOutputError):
                         raise
                     except Exception as e:  # noqa: BLE001
@@ -221,14 +309,15 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
                     bar.update(1)
             if summary.failed:
                 bar.set_postfix(failed=summary.failed, refresh=False)
-            if time.monotonic() - last_write >= AGGREGATE_INTERVAL_S:
+            if not ranks.active and time.monotonic() - last_write >= AGGREGATE_INTERVAL_S:
                 write_tables(out, store.states, bundle, opts)
                 last_write = time.monotonic()
     except KeyboardInterrupt:
         summary.interrupted = True
     except BaseException:
-        with contextlib.suppress(Exception):
-            write_tables(out, store.states, bundle, opts)  # consistent tables for what is done, then the error
+        if not ranks.active:
+            with contextlib.suppress(Exception):
+                write_tables(out, store.states, bundle, opts)  # consistent tables for what is done, then the error
         raise
     finally:
         bar.close()
@@ -236,6 +325,10 @@ def run_predict(opts: PredictOptions, log: Callable[[str], None] | None = None) 
         if shutdown is not None:
             with contextlib.suppress(Exception):
                 shutdown()
-    write_tables(out, store.states, bundle, opts)
+    if ranks.active and not summary.interrupted:
+        ranks.barrier()  # every rank's states are written: rank 0 merges them
+        _merge_summaries(summary, ranks.gather({"processed": summary.processed, "failed": summary.failed,
+                                                "warned": summary.warned, "failures": summary.failures}))
+    tables()
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -8,8 +8,13 @@ network and feed it:
 - ``network``: the network definition resolved to plain values, ``{"_target_": "heatmark.networks.X",
   <argument>: <value>, ...}`` (None when the network does not record its arguments);
 - ``spatial_dims``, ``landmark_names``, ``output_stride``, ``decode_method``;
+- ``channel_groups``: the shared output channels with every default resolved
+  (:meth:`heatmark.core.heatmaps.ChannelGroups.to_config`), None for one channel per landmark;
 - ``spacing_mm``, ``input_size`` and ``orientation`` (the axcodes of an ``Orientationd`` in the
   image preprocessing, else None): the network's input grid;
+- ``sliding_window``: None (the network sees the whole input) or the sliding-window inference of a
+  patch-trained model, ``{"patch_size": [...voxels], "overlap", "mode", "sw_batch_size", "stream"}``
+  (:func:`heatmark.evaluation.sliding_window_settings`), which ``heatmark predict`` sets up again;
 - ``bundle`` (``name`` and ``version`` of ``configs/metadata.json``), ``configs`` (the config files
   the training read), ``versions`` (heatmark, MONAI, torch).
 
@@ -104,7 +109,9 @@ def _bundle_metadata(bundle_root: str | os.PathLike | None) -> dict:
 def model_description(network: Any, spatial_dims: int, landmark_names: Sequence[str], spacing_mm: Any = None,
                       input_size: Any = None, image_preprocessing: Any = None, output_stride: Any = None,
                       decode_method: str | None = None, bundle_root: str | os.PathLike | None = None,
-                      config_files: Sequence[str | os.PathLike] = ()) -> dict:
+                      config_files: Sequence[str | os.PathLike] = (),
+                      channel_groups: Sequence[Mapping[str, Any]] | None = None,
+                      sliding_window: Mapping[str, Any] | None = None) -> dict:
     """What a model file stores beside the weights; see the module documentation."""
     stride = output_stride if output_stride is not None else getattr(network, "output_stride", None)
     return {
@@ -116,6 +123,8 @@ def model_description(network: Any, spatial_dims: int, landmark_names: Sequence[
         "orientation": _orientation(image_preprocessing),
         "output_stride": plain(stride, "output_stride"),
         "decode_method": None if decode_method is None else str(decode_method),
+        "channel_groups": plain(channel_groups, "channel_groups"),
+        "sliding_window": plain(sliding_window, "sliding_window"),
         "bundle": _bundle_metadata(bundle_root),
         "configs": [str(f) for f in config_files or ()],
         "versions": {"heatmark": str(__version__), "monai": str(monai.__version__), "torch": str(torch.__version__)},
