@@ -43,6 +43,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from _timing import header
 from heatmark.bundle import bundle_command, bundle_config_files
 from heatmark.core.fileio import atomic_write_text
 from heatmark.evaluation.metrics import left_right_swaps, point_errors, summarize
@@ -137,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     base, extra = ("smoke.yaml", {"num_eval_cases": 2, "val_overlays": 0, "eval_overlays": 0}) if args.tiny \
         else ("cpu.yaml", {})
     out = args.out / "tiny" if args.tiny else args.out
-    hw = (f"# bench/shared_channels.py, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+    hw = header("bench/shared_channels.py")
     print(hw, flush=True)
     for name in args.runs:
         root = out / f"{name}_{args.minutes:g}min"
