@@ -438,8 +438,11 @@ def overlay_figure(
     aff = as_affine(_numpy(affine), d).numpy()
     img = _image_array(image, d)
     axes_mm = _DisplayAxes(aff, d, _world_names(image, d))
-    pred_v = _numpy(world_to_voxel(pred_w, aff))
-    truth_v = None if truth_w is None else _numpy(world_to_voxel(truth_w, aff))
+    # points far outside the image (an untrained network) are drawn at most one image size beyond its
+    # border, outside the view: unbounded coordinates make matplotlib's renderer fail
+    size = np.asarray(img.shape[:d], dtype=float)
+    pred_v = np.clip(_numpy(world_to_voxel(pred_w, aff)), -size, 2 * size)
+    truth_v = None if truth_w is None else np.clip(_numpy(world_to_voxel(truth_w, aff)), -size, 2 * size)
     pred_mm = axes_mm.to_mm(pred_v)
     truth_mm = None if truth_v is None else axes_mm.to_mm(truth_v)
     vmin, vmax = _display_range(img)
