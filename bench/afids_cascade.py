@@ -62,21 +62,28 @@ def train(name: str, overlays: list[str], root: Path, data: Path, budgets: dict)
     return (time.perf_counter() - t0) / 60
 
 
-def bundle_view(root: Path) -> Path:
-    """A bundle folder for ``heatmark predict``: the repository's configs, the run's models."""
-    view = root / "bundle"
+def bundle_view(root: Path, coarse_only: bool = False) -> Path:
+    """A bundle folder for ``heatmark predict``: the repository's configs, the run's models (with
+    ``coarse_only``, the coarse model alone: a cascade's stage 1 without its fine stage)."""
+    view = root / ("bundle_coarse" if coarse_only else "bundle")
     if not view.exists():
         view.mkdir()
         (view / "configs").symlink_to(BUNDLE / "configs")
-        (view / "models").symlink_to(root / "models")
+        if coarse_only:
+            (view / "models").mkdir()
+            (view / "models" / "model.pt").symlink_to(root / "models" / "model.pt")
+        else:
+            (view / "models").symlink_to(root / "models")
     return view
 
 
-def score(name: str, root: Path, overlays: list[str], volumes: Path, truth: Path, tag: str) -> dict:
+def score(name: str, root: Path, overlays: list[str], volumes: Path, truth: Path, tag: str,
+          coarse_only: bool = False) -> dict:
     """``heatmark predict`` over ``volumes`` with the run's models, ``heatmark evaluate`` against ``truth``."""
+    tag = f"{tag}_coarse" if coarse_only else tag
     pred = root / f"pred_{tag}"
-    summary = run_predict(PredictOptions(bundle=bundle_view(root), input=volumes, output=pred, configs=tuple(overlays),
-                                         overwrite=True, progress=False, num_workers=0))
+    summary = run_predict(PredictOptions(bundle=bundle_view(root, coarse_only), input=volumes, output=pred,
+                                         configs=tuple(overlays), overwrite=True, progress=False, num_workers=0))
     print(f"[{name}] {tag}: {summary.line()}", flush=True)
     result = evaluate_tables(pred / "landmarks.csv", truth, root / f"eval_{tag}")
     return {"summary": dict(result.summary), "errors": np.asarray(result.errors), "names": list(result.names)}
@@ -134,6 +141,10 @@ def main() -> None:
         minutes = json.loads(done.read_text())["train_minutes"]
         results[name] = {"train_minutes": minutes,
                          **{tag: score(name, root, overlays, *sets[tag], tag) for tag in sets}}
+        if name == "cascade":  # its stage 1 alone: what the fine stage adds
+            results["cascade stage 1 alone"] = {
+                "train_minutes": minutes, **{tag: score(name, root, overlays, *sets[tag], tag, coarse_only=True)
+                                             for tag in sets}}
         if name == "single":
             with open(root / "evaluate.log", "w") as f:  # today's number: `run evaluating` on the 4 mm deformations
                 subprocess.run(bundle_command(BUNDLE, "evaluating", overlays, bundle_root=root, dataset_dir=data),

@@ -119,7 +119,7 @@ def config_file_arg(files: Sequence[str | os.PathLike]) -> str:
     return repr([str(f) for f in files])
 
 
-#: heatmark's own top-level config keys and what they must hold: "bool", "int>=N", "float>N" /
+#: heatmark's own top-level config keys and what they must hold: "bool", "number", "int>=N", "float>N" /
 #: "float>=N", "number-or-list>0", or a tuple of allowed values (an enumeration)
 CONFIG_VALUES: dict[str, Any] = {
     "amp": (True, False, "auto"),
@@ -146,6 +146,24 @@ CONFIG_VALUES: dict[str, Any] = {
     "sw_stream": "bool",
     "peak_min_distance_mm": "float>=0",
     "peak_threshold": "float>=0",
+    # the cascade's stage 2 (configs/cascade.yaml)
+    "fine_spacing_mm": "number-or-list>0",
+    "fine_patch_size": "number-or-list>0",
+    "fine_jitter_mm": "float>=0",
+    "fine_outlier_prob": "float>=0",
+    "fine_outlier_mm": "float>=0",
+    "fine_min_confidence": "number",
+    "fine_search_radius_mm": "float>=0",
+    "fine_fallback_confidence": "number",
+    "fine_batch_size": "int>=1",
+    "fine_max_epochs": "int>=1",
+    "fine_val_interval": "int>=1",
+    "fine_time_limit_minutes": "float>=0",
+    "fine_learning_rate": "float>0",
+    "fine_batch_size_train": "int>=1",
+    "fine_patches_per_case": "int>=1",
+    "fine_num_val_landmarks": "int>=1",
+    "fine_sigma_voxels": "float>0",
 }
 
 
@@ -162,6 +180,8 @@ def _value_problem(key: str, value: Any, rule: Any) -> str | None:
         from heatmark.evaluation.decoding import METHODS  # lazy: `heatmark configs`/--help need no torch
 
         return None if value in METHODS else f"expected one of {', '.join(METHODS)}"
+    if rule == "number":
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "expected a number"
     kind, _, bound = rule.partition(">")
     strict = not bound.startswith("=")
     low = float(bound.lstrip("="))

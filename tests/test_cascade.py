@@ -69,11 +69,14 @@ class Identity(torch.nn.Module):
         return x.expand(-1, self.n, *x.shape[2:])
 
 
-def fine_stage(spacing=1.0, size=24, min_confidence=0.0, n=1, method="gaussian") -> C.FineStage:
-    return C.FineStage(network=Identity(n), preprocessing=lambda d: d, after_loader=lambda d: d,
-                       spacing_mm=(spacing,) * 3, patch_size=(size,) * 3, output_stride=(1, 1, 1),
+def fine_stage(spacing=1.0, size=24, min_confidence=0.0, n=1, method="gaussian", radius=0.0, fallback=0.0,
+               stride=1) -> C.FineStage:
+    return C.FineStage(network=Identity(n) if stride == 1 else torch.nn.Sequential(Identity(n), torch.nn.AvgPool3d(stride)),
+                       preprocessing=lambda d: d, after_loader=lambda d: d,
+                       spacing_mm=(spacing,) * 3, patch_size=(size,) * 3, output_stride=(stride,) * 3,
                        decode_method=method, min_confidence=min_confidence, batch_size=4,
-                       device=torch.device("cpu"), model=Path("model_fine.pt"), sha256="")
+                       device=torch.device("cpu"), model=Path("model_fine.pt"), sha256="", search_radius_mm=radius,
+                       fallback_confidence=fallback)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,6 +209,56 @@ def test_coarse_estimates_missing_weak_or_outside_become_missing_with_a_reason()
     assert "landmark 2 (lost)" in warnings[0] and "no estimate" in warnings[0]
     assert "landmark 3 (weak)" in warnings[1] and "below fine_min_confidence" in warnings[1]
     assert "landmark 4 (away)" in warnings[2] and "outside the image" in warnings[2]
+
+
+def two_blobs(point: np.ndarray, decoy: np.ndarray) -> MetaTensor:
+    """The landmark's blob (peak 1) at ``point`` and a brighter look-alike (peak 2) at ``decoy``."""
+    image = blob_volume(point, shape=(70, 70, 60))
+    decoy_image = blob_volume(decoy, shape=(70, 70, 60))
+    return MetaTensor(image.as_tensor() + 2.0 * decoy_image.as_tensor(), affine=image.affine)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_search_radius_ignores_a_brighter_look_alike_elsewhere_in_the_patch(stride):
+    point = np.array([1.5, -2.0, 0.7])
+    decoy = point + np.array([9.0, 0.0, -6.0])  # 10.8 mm away, inside the 32 mm patch
+    image = two_blobs(point, decoy)
+    start = point + np.array([1.6, -1.2, 0.9])  # a coarse estimate 2.2 mm off
+    whole, _, _ = C.refine(fine_stage(size=32, stride=stride), image, start[None], np.ones(1), ["b"])
+    assert np.linalg.norm(whole[0] - decoy) < 1.0  # without a radius the look-alike wins
+    near, conf, warnings = C.refine(fine_stage(size=32, radius=6.0, stride=stride), image, start[None], np.ones(1),
+                                    ["b"])
+    assert warnings == []
+    assert np.linalg.norm(near[0] - point) < 0.25 * stride
+    assert 0.5 < conf[0] < 1.5  # the landmark's own peak, not the look-alike's (2)
+
+
+def test_search_mask_is_a_ball_in_world_mm_about_the_patch_centre():
+    fine = fine_stage(spacing=0.5, size=16, radius=2.0)
+    affine = torch.as_tensor(np.diag([-0.5, 0.5, 0.5, 1.0]))
+    affine[:3, 3] = torch.tensor([10.0, -3.0, 2.0])
+    mask = C.search_mask(fine, affine)
+    centre = (16 - 1) / 2
+    idx = np.argwhere(mask.numpy())
+    dist = np.linalg.norm((idx - centre) * 0.5, axis=1)
+    assert dist.max() <= 2.0 and len(idx) == int(((np.indices((16,) * 3).reshape(3, -1).T - centre) ** 2 * 0.25)
+                                                 .sum(1).__le__(4.0).sum())
+    assert C.search_mask(fine_stage(radius=0.0), affine) is None
+    tiny = C.search_mask(fine_stage(spacing=0.5, size=16, radius=0.01), affine)
+    assert int(tiny.sum()) == 8  # no voxel centre within 0.01 mm: the nearest ones (the 8 around the centre)
+
+
+def test_a_weak_fine_peak_keeps_the_coarse_estimate_with_a_warning():
+    point = np.array([0.0, 2.0, -1.0])
+    image = blob_volume(point, shape=(60, 60, 50))
+    far = point + np.array([8.0, 8.0, 0.0])  # coarse estimate away from the blob: its patch sees a faint tail
+    coarse = np.stack([point + 0.5, far])
+    world, conf, warnings = C.refine(fine_stage(n=2, radius=3.0, fallback=0.5), image, coarse, np.array([0.8, 0.7]),
+                                     ["strong", "faint"])
+    assert np.linalg.norm(world[0] - point) < 0.25 and conf[0] > 0.9
+    np.testing.assert_array_equal(world[1], far)
+    assert conf[1] == 0.7
+    assert len(warnings) == 1 and "landmark 2 (faint)" in warnings[0] and "kept the coarse estimate" in warnings[0]
 
 
 # ---------------------------------------------------------------------------------------------------

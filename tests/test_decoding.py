@@ -247,3 +247,18 @@ def test_multi_peak_ignores_non_finite_values_and_checks_channels():
     # a 3-axis tensor with a 3x3 affine is a one-channel 2D heatmap
     two_d = decode_peaks(heat[None], threshold=0.5, min_distance_mm=2.0, affine=np.eye(3))
     assert two_d.world.shape == (1, 2)
+
+
+def test_mask_restricts_the_maximum_but_refines_on_the_unmasked_values():
+    grid = torch.stack(torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij"), -1)
+    near, far = torch.tensor([10.3, 12.6]), torch.tensor([30.0, 25.0])
+    heat = torch.exp(-((grid - near) ** 2).sum(-1) / 8) + 2 * torch.exp(-((grid - far) ** 2).sum(-1) / 8)
+    heat = heat[None, None]
+    whole = decode_heatmaps(heat, method="gaussian")
+    assert torch.allclose(whole.voxel[0, 0].float(), far, atol=0.05)
+    mask = ((grid - torch.tensor([11.0, 11.0])) ** 2).sum(-1) <= 16  # a 4-voxel disc about (11, 11)
+    dec = decode_heatmaps(heat, method="gaussian", mask=mask)
+    assert torch.allclose(dec.voxel[0, 0].float(), near, atol=0.05)  # unbiased: neighbours outside the disc are read
+    assert abs(float(dec.confidence[0, 0]) - float(heat[0, 0, 10, 13])) < 1e-6
+    none = decode_heatmaps(heat, mask=torch.zeros(40, 36, dtype=torch.bool))
+    assert torch.isnan(none.voxel).all() and float(none.confidence[0, 0]) == 0.0

@@ -80,6 +80,20 @@ def test_the_base_config_checks_and_resolves_precision():
     assert trainer_amp is False
 
 
+def test_an_overlay_adds_its_own_keys_to_the_check():
+    """cascade.yaml's fine_* keys go through the same check (config_check_more)."""
+    parser = bundle_parser(SYNTHETIC, "training", ["cascade.yaml"], dataset_dir=".")
+    assert "fine_search_radius_mm" in parser.get_parsed_content("config_check_more")
+    assert parser.get_parsed_content("config_check") is True
+    parser = bundle_parser(SYNTHETIC, "training", ["cascade.yaml"], dataset_dir=".")
+    parser["fine_search_radius_mm"] = -2.0
+    parser["fine_patches_per_case"] = "2"
+    with pytest.raises(SystemExit) as e:
+        parser.get_parsed_content("config_check")
+    assert "'fine_search_radius_mm': -2.0, expected a value >= 0" in str(e.value)
+    assert "'fine_patches_per_case': the text '2', expected an integer" in str(e.value)
+
+
 def test_a_text_boolean_on_the_command_line_stops_the_run_in_one_line(tmp_path):
     """`--resume false` reaches MONAI as the text 'false' (truthy in Python): refused before training."""
     proc = subprocess.run(bundle_cmd(SYNTHETIC, "training", [], "--dataset_dir", str(tmp_path), "--resume", "false",

@@ -254,6 +254,7 @@ def decode_heatmaps(
     window: IntOrSeq = 1,
     output_stride: IntOrSeq | None = None,
     affine: torch.Tensor | np.ndarray | Sequence | None = None,
+    mask: torch.Tensor | None = None,
 ) -> DecodedLandmarks:
     """Decode one landmark per channel.
 
@@ -268,6 +269,9 @@ def decode_heatmaps(
             or one per axis; output position ``u`` maps to input position ``u s + (s - 1) / 2``.
         affine: the *input* image's affine, ``(R, R)`` or ``(B, R, R)`` (MONAI's 4x4 for 2D is
             accepted); when given, positions are also returned in world mm.
+        mask: optional bool ``(*S)``, ``(B, 1, *S)`` or ``(B, N, *S)`` (broadcast to the heatmaps):
+            the maximum is searched where it is True only (a channel with no True voxel has no
+            peak); the sub-voxel refinement and the confidence use the unmasked heatmap values.
 
     Returns:
         :class:`DecodedLandmarks` with ``voxel (B, N, D)`` on the input grid, ``world (B, N, D)``
@@ -278,7 +282,12 @@ def decode_heatmaps(
     b, n, *shape = heatmaps.shape
     w = _check_method(method, window, len(shape))
     flat = _as_float(heatmaps).reshape(b * n, -1)
-    peak, index = flat.max(dim=1)
+    if mask is None:
+        peak, index = flat.max(dim=1)
+    else:
+        allowed = torch.as_tensor(mask, dtype=torch.bool, device=flat.device).expand(heatmaps.shape).reshape(b * n, -1)
+        _, index = flat.masked_fill(~allowed, float("-inf")).max(dim=1)
+        peak = torch.where(allowed.any(dim=1), flat.gather(1, index[:, None])[:, 0], torch.full_like(flat[:, 0], float("nan")))
     low = flat.amin(dim=1)
     has_peak = torch.isfinite(peak) & torch.isfinite(low) & (peak > low)  # max/amin propagate NaN
     voxel = _refine(flat, index, shape, method, w)

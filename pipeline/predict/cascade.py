@@ -13,6 +13,12 @@ A coarse estimate that is missing, whose confidence is below ``fine_min_confiden
 outside the image gives a missing (NaN) landmark and a warning with the reason (``warnings.csv``,
 :attr:`heatmark.predict.Prediction.warnings`); it is never clamped into the image.
 
+The fine stage only sees its patch, so a structure that looks like the landmark elsewhere in the
+patch can win. Its maximum is therefore searched within ``fine_search_radius_mm`` of the coarse
+estimate (0: the whole patch); the sub-voxel refinement still reads the unmasked heatmap. Where
+the fine peak inside that ball is below ``fine_fallback_confidence`` the coarse estimate is kept,
+with a warning saying so (the fine stage did not recognise the landmark there).
+
 Where the configs given to ``heatmark predict`` lack the cascade keys, the overlays the fine model
 was trained with (recorded in its description, ``cascade.overlays``) are read from the bundle's
 ``configs/`` folder.
@@ -35,9 +41,10 @@ from monai.transforms import Compose
 from heatmark.bundle import BundleError, bundle_config_files
 from heatmark.core.axes import per_axis
 from heatmark.core.fileio import sha256_file
+from heatmark.core.geometry import output_grid_affine
 from heatmark.evaluation.decoding import decode_heatmaps
 from heatmark.predict.checks import outside_mm
-from heatmark.predict.errors import PredictUsageError, describe
+from heatmark.predict.errors import PredictUsageError, config_value, describe
 from heatmark.training.model_file import build_network, read_model_file
 from heatmark.transforms import LoadLandmarkImaged
 from heatmark.transforms.cascade import ResamplePatch
@@ -60,6 +67,9 @@ class FineStage:
         output_stride: input voxels per heatmap voxel, per axis.
         decode_method: heatmap refinement (:func:`heatmark.evaluation.decode_heatmaps`).
         min_confidence: coarse confidence below which a landmark is set missing.
+        search_radius_mm: the fine maximum is searched within this distance (mm) of the coarse
+            estimate; 0 = the whole patch.
+        fallback_confidence: a fine peak below this keeps the coarse estimate (with a warning).
         batch_size: patches per forward pass.
         model: the fine model file; ``sha256`` its hash (the run fingerprint).
     """
@@ -77,6 +87,8 @@ class FineStage:
     model: Path
     sha256: str
     image_key: str = "image"
+    search_radius_mm: float = 0.0
+    fallback_confidence: float = 0.0
 
 
 def fine_model_path(model: Path, configured: Any = None) -> Path:
@@ -135,12 +147,7 @@ def load_fine_stage(parser: ConfigParser, bundle: Path, model: Path, configs: Se
     parser = _parser_with_cascade(parser, bundle, configs, [str(o) for o in cascade.get("overlays", []) or []])
 
     def get(key: str, default: Any = ...) -> Any:
-        if default is not ... and key not in parser:
-            return default
-        try:
-            return parser.get_parsed_content(key)
-        except Exception as e:  # noqa: BLE001
-            raise PredictUsageError(f"bundle {bundle}: cannot build {key!r}: {describe(e)}") from None
+        return config_value(parser, bundle, key, default)
 
     try:
         network = build_network(description["network"])
@@ -153,21 +160,28 @@ def load_fine_stage(parser: ConfigParser, bundle: Path, model: Path, configs: Se
     steps = list(get("fine_image_preprocessing", []) or [])
     stride = description.get("output_stride") or getattr(network, "output_stride", None)
     min_conf = get("fine_min_confidence", None)
+    radius = get("fine_search_radius_mm", None)
+    fallback = get("fine_fallback_confidence", None)
     try:
         spacing = per_axis(description["spacing_mm"], dims, name="spacing_mm", cast=float)
         size = per_axis(description["input_size"], dims, name="input_size", cast=int)
         output_stride = per_axis(stride, dims, name="output_stride", default=1)
         min_confidence = float(cascade.get("min_confidence", 0.0) if min_conf is None else min_conf)
+        search_radius_mm = float(cascade.get("search_radius_mm", 0.0) if radius is None else radius)
+        fallback_confidence = float(cascade.get("fallback_confidence", 0.0) if fallback is None else fallback)
         batch_size = int(get("fine_batch_size", 8))
     except (TypeError, ValueError) as e:
         raise PredictUsageError(f"fine model {path}: {e}") from None
     if batch_size < 1:
         raise PredictUsageError(f"bundle {bundle}: bad `fine_batch_size` {batch_size}; expected >= 1")
+    if not search_radius_mm >= 0:
+        raise PredictUsageError(f"bundle {bundle}: bad `fine_search_radius_mm` {search_radius_mm}; expected >= 0")
     return FineStage(network=network.to(device).eval(), preprocessing=Compose([loader, *steps]),
                      after_loader=Compose(steps), spacing_mm=spacing, patch_size=size, output_stride=output_stride,
                      decode_method=str(description.get("decode_method") or "quadratic"),
                      min_confidence=min_confidence, batch_size=batch_size, device=device, model=path,
-                     sha256=sha256_file(path), image_key=image_key)
+                     sha256=sha256_file(path), image_key=image_key, search_radius_mm=search_radius_mm,
+                     fallback_confidence=fallback_confidence)
 
 
 def _image(fine: FineStage, source: Any) -> MetaTensor:
@@ -180,6 +194,24 @@ def _image(fine: FineStage, source: Any) -> MetaTensor:
     if not isinstance(image, MetaTensor):
         raise ValueError("the fine stage's preprocessing lost the image's affine")
     return image
+
+
+def search_mask(fine: FineStage, patch_affine: Any) -> torch.Tensor | None:
+    """``(*S)`` bool on the fine network's output grid: voxels within ``fine.search_radius_mm`` of
+    the patch centre (the coarse estimate), through the patch's ``patch_affine`` and the output
+    stride; None when the radius is 0 (the whole patch). Every voxel centre is at least as close
+    as the nearest one, so a radius below half a voxel still keeps the centre's voxel."""
+    if fine.search_radius_mm <= 0:
+        return None
+    d = len(fine.patch_size)
+    a = torch.as_tensor(output_grid_affine(np.asarray(torch.as_tensor(patch_affine, dtype=torch.float64))[
+        [*range(d), -1]][:, [*range(d), -1]], fine.output_stride), dtype=torch.float64)
+    shape = [n // s for n, s in zip(fine.patch_size, fine.output_stride)]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+    centre = torch.as_tensor(patch_affine, dtype=torch.float64)[[*range(d), -1]][:, [*range(d), -1]] @ torch.tensor(
+        [*((n - 1) / 2 for n in fine.patch_size), 1.0], dtype=torch.float64)
+    dist = torch.linalg.vector_norm(grid @ a[:d, :d].T + a[:d, d] - centre[:d], dim=-1)
+    return dist <= max(fine.search_radius_mm, float(dist.min()))
 
 
 def refine(fine: FineStage, source: Any, world: np.ndarray, confidence: np.ndarray, names: Sequence[str]
@@ -195,7 +227,9 @@ def refine(fine: FineStage, source: Any, world: np.ndarray, confidence: np.ndarr
 
     Returns:
         ``(world (N, D), confidence (N,), warnings)``: fine positions in world mm and fine peaks;
-        NaN and 0 for a landmark set missing, with one warning line naming it and why.
+        NaN and 0 for a landmark set missing, with one warning line naming it and why; the coarse
+        position and confidence, with a warning, where the fine peak is below
+        ``fine.fallback_confidence``.
     """
     world = np.asarray(world, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)
@@ -229,15 +263,20 @@ def refine(fine: FineStage, source: Any, world: np.ndarray, confidence: np.ndarr
             pred = fine.network(x).float()
         index = torch.as_tensor(chunk, device=pred.device)
         own = pred[torch.arange(len(chunk), device=pred.device), index].unsqueeze(1)  # each patch: its landmark
+        mask = search_mask(fine, affines[0])  # every patch is centred on its estimate: one mask for all
         dec = decode_heatmaps(own, method=fine.decode_method, output_stride=fine.output_stride,
-                              affine=affines.to(pred.device))
+                              affine=affines.to(pred.device), mask=None if mask is None else mask.to(pred.device))
         pos = dec.world[:, 0].cpu().numpy()
         peak = dec.confidence[:, 0].cpu().numpy()
         for k, i in enumerate(chunk):
-            if np.isfinite(pos[k]).all():
-                out[i], conf[i] = pos[k], peak[k]
-            else:
+            if not np.isfinite(pos[k]).all():
                 warnings.append(f"landmark {i + 1} ({names[i]}): the fine stage found no peak; set missing")
+            elif peak[k] < fine.fallback_confidence:
+                out[i], conf[i] = world[i], confidence[i]
+                warnings.append(f"landmark {i + 1} ({names[i]}): fine peak {peak[k]:.3g} is below "
+                                f"fine_fallback_confidence {fine.fallback_confidence:g}; kept the coarse estimate")
+            else:
+                out[i], conf[i] = pos[k], peak[k]
     return out, conf, warnings
 
 

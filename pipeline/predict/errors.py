@@ -85,3 +85,17 @@ def describe(exc: BaseException) -> str:
     if len(msg) > 400:
         msg = msg[:400] + "..."
     return f"{type(inner).__name__}: {msg}" if msg else type(inner).__name__
+
+
+def config_value(parser: Any, bundle: Any, key: str, default: Any = ..., what: str = "") -> Any:
+    """``key`` of the bundle's parsed configs, or ``default`` (when given) where the configs lack it.
+
+    Raises:
+        PredictUsageError: the key cannot be built, naming the bundle, the key and ``what`` it is for.
+    """
+    if default is not ... and key not in parser:
+        return default
+    try:
+        return parser.get_parsed_content(key)
+    except Exception as e:  # noqa: BLE001
+        raise PredictUsageError(f"bundle {bundle}: cannot build {key!r}{what}: {describe(e)}") from None

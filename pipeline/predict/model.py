@@ -35,7 +35,7 @@ from heatmark.evaluation.metrics import measure
 from heatmark.predict.backends import load_onnx_network
 from heatmark.predict.cascade import FineStage, load_fine_stage
 from heatmark.predict.checks import CheckImaged, ImageChecks
-from heatmark.predict.errors import PredictUsageError, describe
+from heatmark.predict.errors import PredictUsageError, config_value, describe
 from heatmark.predict.options import PredictOptions
 from heatmark.training.model_file import check_definition, network_definition, plain, read_model_file
 from heatmark.training.precision import choose_precision
@@ -281,12 +281,7 @@ def load_bundle(opts: PredictOptions) -> LoadedBundle:
     bundle, files, parser = _read_configs(opts)
 
     def get(key: str, default: Any = ..., what: str = ""):
-        if default is not ... and key not in parser:
-            return default
-        try:
-            return parser.get_parsed_content(key)
-        except Exception as e:  # noqa: BLE001
-            raise PredictUsageError(f"bundle {bundle}: cannot build {key!r}{what}: {describe(e)}") from None
+        return config_value(parser, bundle, key, default, what)
 
     model = Path(os.path.expanduser(os.fspath(opts.model))) if opts.model else Path(get("ckpt_path"))
     if not model.is_file():
