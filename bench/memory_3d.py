@@ -85,6 +85,8 @@ def child(args: argparse.Namespace) -> None:
                                        stream=args.child == "stream")
             pred = inferer(volume, net)
             dec = pred.decode() if args.child == "stream" else decode_heatmaps(pred, method="quadratic")
+            if args.child == "stream":
+                result["rows_held"] = inferer.rows_held
         elif args.child == "forward":
             # the network on one tensor vs through streamed windows without overlap (stitching overhead)
             one = median([_timed(lambda: net(volume)) for _ in range(args.repeats)])
@@ -163,8 +165,12 @@ def main() -> None:
         if "error" in r:
             rows.append([r["config"], "x".join(map(str, r["size"])), f"{heat_mib:.0f}", "-", "-", r["error"]])
             continue
+        note = ""
+        if "rows_held" in r:  # the streamed slab: rows of the first axis, all channels, the full width
+            slab = args.landmarks * r["rows_held"] * r["size"][1] * r["size"][2] * 4 / 2**20
+            note = f"slab {r['rows_held']} rows, {slab:.0f} MiB"
         rows.append([r["config"], "x".join(map(str, r["size"])), f"{heat_mib:.0f}", f"{r['maxrss_mib']:.0f}",
-                     f"{r['seconds']:.2f}", ""])
+                     f"{r['seconds']:.2f}", note])
     print(table(["path", "volume", "N x volume fp32 (MiB)", "peak RSS (MiB)", "wall (s)", "note"], rows))
 
     by = {(r["config"], tuple(r["size"])): r for r in runs if "error" not in r}

@@ -110,6 +110,34 @@ def test_streamed_equals_dense_stitching():
             torch.testing.assert_close(b.confidence, a.confidence.double(), rtol=0, atol=1e-6)
 
 
+def test_streamed_slab_stays_bounded_on_a_long_volume():
+    """A volume 10 windows long along the first axis: the slab holds at most the rows one batch of
+    windows spans plus one peak box (a buffer that kept growing, or kept every row, fails), and the
+    landmarks, including scattered non-finite values (one NaN, one infinity, in two channels), equal
+    those of MONAI's dense stitching."""
+    net = Pool2().eval()
+    x = torch.randn(1, 1, 160, 20, 18, generator=torch.Generator().manual_seed(2))
+    for overlap, mode, batch in [(0.25, "gaussian", 1), (0.25, "gaussian", 3), (0.0, "constant", 2)]:
+        def poisoned(win):
+            out = net(win)
+            out[0, 0, 3, 2, 1] = float("nan")
+            out[-1, 1, 1, 4, 2] = float("inf")
+            return out
+
+        with torch.no_grad():
+            dense = SlidingWindowInferer((16, 16, 16), batch, overlap, mode=mode)(x, poisoned)
+            streamer = StreamingSlidingWindowInferer((16, 16, 16), overlap, mode, sw_batch_size=batch)
+            local = streamer(x, poisoned)
+        # input rows one batch spans: one window, or (4 windows per row of windows) two rows of them
+        span = 16 if batch == 1 else 16 + 16 - int(16 * overlap)
+        assert 0 < streamer.rows_held <= span // 2 + 3, (overlap, batch, streamer.rows_held)  # stride 2, box 3
+        a = decode_heatmaps(dense, output_stride=2)
+        b = local.decode(output_stride=2)
+        assert torch.isnan(b.voxel[0, :2]).all() and torch.isfinite(b.voxel[0, 2]).all()
+        torch.testing.assert_close(b.voxel, a.voxel, equal_nan=True, rtol=0, atol=1e-9)
+        torch.testing.assert_close(b.confidence, a.confidence.double(), rtol=0, atol=1e-6)
+
+
 def test_streamed_flat_and_nonfinite_channels_are_missing():
     def net(x):
         out = torch.zeros(x.shape[0], 2, *x.shape[2:])

@@ -22,8 +22,13 @@ does), scanned for each channel's running maximum (first occurrence in row-major
 ``argmax`` over the whole grid), minimum and finiteness, and dropped once no pending peak
 neighbourhood needs them. Per channel it keeps the ``K = 2 r + 1`` voxels per axis around the
 peak (``r`` = the decoding window, at least 1), shifted inside the grid at the border exactly
-where decoding would cut its neighbourhood. Memory: one slab, ``N x (roi_0 + K) x S_1 x S_2``
-floats (about ``roi_0 / S_0`` of the dense buffer), plus the network's own activations.
+where decoding would cut its neighbourhood. Memory: one slab buffer, allocated once and reused
+(rows that are done are dropped by moving the few still needed to its front), of
+``N x (R + K) x S_1 x S_2`` floats, where ``R`` is the most rows one batch of windows spans:
+``roi_0`` when a batch stays within one row of windows, up to ``roi_0`` + the scan interval when it
+straddles two; about ``R / S_0`` of the dense buffer, plus the network's own activations. Per
+window it weights the output in place (not under constant blending) and adds it to the slab; each
+final row is scanned twice (maximum and minimum).
 
 Network output grids coarser than the input (``output_stride``) are stitched as MONAI does
 (window offsets scaled by ``output size / roi size``); ``roi_size`` and the scan interval should
@@ -174,12 +179,22 @@ class _ChannelPeaks:
                 zip(self.position[channel].tolist(), self.radius, self.shape, self.box)]
 
     def update(self, region: torch.Tensor, row0: int) -> None:
-        """Scan final rows ``region`` ``(N, rows, *S_rest)`` starting at grid row ``row0``."""
-        flat = region.reshape(region.shape[0], -1)
-        self.finite &= torch.isfinite(flat).all(dim=1).cpu()
-        clean = torch.nan_to_num(flat, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        best, index = clean.max(dim=1)
-        self.low = torch.minimum(self.low, flat.amin(dim=1).double().cpu())
+        """Scan final rows ``region`` ``(N, rows, *S_rest)`` starting at grid row ``row0``.
+
+        Two passes over the region (``max`` and ``amin``, both NaN-propagating, so a channel whose
+        maximum and minimum are finite holds only finite values); channels with a NaN or an infinity
+        are rescanned with NaN read as ``-inf`` (they decode to missing, but keep a maximum)."""
+        flat = region.reshape(region.shape[0], -1)  # a view when the rows span the full grid width
+        best, index = flat.max(dim=1)
+        low = flat.amin(dim=1)
+        bad = ~(torch.isfinite(best) & torch.isfinite(low))
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()
+            clean = torch.nan_to_num(flat[rows], nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+            best[rows], index[rows] = clean.max(dim=1)
+            low[rows] = flat[rows].amin(dim=1)
+            self.finite[bad.cpu()] = False
+        self.low = torch.minimum(self.low, low.double().cpu())
         better = (best.double().cpu() > self.best).nonzero().flatten().tolist()
         rest = region.shape[2:]
         for c in better:
@@ -221,7 +236,8 @@ class StreamingSlidingWindowInferer(Inferer):
         window: decoding window half-width (output voxels), so the boxes hold what decoding reads.
         cval: padding value for images smaller than a window.
 
-    ``__call__(inputs (B, C, *S), network)`` -> :class:`LocalHeatmaps` with ``N`` channels.
+    ``__call__(inputs (B, C, *S), network)`` -> :class:`LocalHeatmaps` with ``N`` channels; after
+    a call, ``rows_held`` is the most output-grid rows (first spatial axis) its slab held at once.
     """
 
     def __init__(self, roi_size: Sequence[int], overlap: float = 0.25, mode: str = "gaussian",
@@ -235,11 +251,13 @@ class StreamingSlidingWindowInferer(Inferer):
         self.sw_batch_size = int(sw_batch_size)
         self.window = window
         self.cval = float(cval)
+        self.rows_held = 0
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  **kwargs: Any) -> LocalHeatmaps:
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         d = x.ndim - 2
+        self.rows_held = 0
         results = [self._one(x[i:i + 1], network, d, *args, **kwargs) for i in range(x.shape[0])]
         return LocalHeatmaps(values=torch.cat([r.values for r in results]), origin=torch.cat([r.origin for r in results]),
                              peak=torch.cat([r.peak for r in results]), low=torch.cat([r.low for r in results]),
@@ -264,6 +282,11 @@ class StreamingSlidingWindowInferer(Inferer):
         weight = compute_importance_map(get_valid_patch_size(image_size, roi), mode=self.mode,
                                         sigma_scale=self.sigma_scale, device=x.device, dtype=x.dtype)[None, None]
 
+        # input-grid rows each batch spans, from its first window's first row to the furthest stop so far
+        spans, furthest = [], 0
+        for b0 in range(0, len(order), self.sw_batch_size):
+            furthest = max([furthest] + [slices[i][0].stop for i in order[b0:b0 + self.sw_batch_size]])
+            spans.append((slices[order[b0]][0].start, furthest))
         state: dict[str, Any] = {}
         # MONAI's batches: consecutive windows in raster order (so the network sees the same batches)
         for b0 in range(0, len(order), self.sw_batch_size):
@@ -271,29 +294,33 @@ class StreamingSlidingWindowInferer(Inferer):
             win = torch.cat([x[(slice(None), slice(None), *slices[i])] for i in batch])
             out = network(win, *args, **kwargs)
             if not state:
-                state = self._start(out, roi, image_size, size, pad_before, x.device, x.dtype, weight)
+                state = self._start(out, roi, image_size, size, pad_before, x.device, x.dtype, weight, spans)
             w = state["weight"]
             for j, i in enumerate(batch):
                 osl = [slice(int(s.start * z), int(s.stop * z)) for s, z in zip(slices[i], state["zoom"])]
                 self._grow(state, osl[0].stop)
                 rows = slice(osl[0].start - state["row0"], osl[0].stop - state["row0"])
-                seg = out[j:j + 1]
-                seg *= w
-                state["acc"][(slice(None), rows, *osl[1:])] += seg[0].to(state["acc"].dtype)
+                seg = out[j]
+                if not state["unit"]:  # constant blending: the weights are all 1
+                    seg *= w[0]  # in the network's output; as MONAI rounds it (addcmul_ would not)
+                state["acc"][(slice(None), rows, *osl[1:])] += seg.to(state["acc"].dtype)
                 state["wsum"][(rows, *osl[1:])] += w[0, 0]
             # rows before the next window's first row get no more contributions
             nxt = b0 + self.sw_batch_size
             last = nxt >= len(order)
             final_to = state["out_size"][0] if last else int(slices[order[nxt]][0].start * state["zoom"][0])
             self._finalise(state, final_to, last)
+        self.rows_held = max(self.rows_held, state["most_rows"])
         peaks: _ChannelPeaks = state["peaks"]
         return LocalHeatmaps(values=peaks.values[None], origin=peaks.origin[None], peak=peaks.best[None].clone(),
                              low=peaks.low[None].clone(), finite=peaks.finite[None].clone(), shape=peaks.shape,
                              radius=peaks.radius)
 
     def _start(self, out: torch.Tensor, roi: Sequence[int], image_size: Sequence[int], size: Sequence[int],
-               pad_before: Sequence[int], device: torch.device, dtype: torch.dtype, weight: torch.Tensor) -> dict:
-        """Buffers and geometry from the first network output ``(b, N, *O)``."""
+               pad_before: Sequence[int], device: torch.device, dtype: torch.dtype, weight: torch.Tensor,
+               spans: Sequence[tuple[int, int]]) -> dict:
+        """Buffers and geometry from the first network output ``(b, N, *O)``. The slab buffer is
+        allocated once: the most output rows one batch of windows spans, plus one peak box."""
         n, seg_shape = out.shape[1], tuple(out.shape[2:])
         zoom = [o / float(r) for o, r in zip(seg_shape, roi)]
         if seg_shape != tuple(roi):
@@ -304,21 +331,45 @@ class StreamingSlidingWindowInferer(Inferer):
         d = len(seg_shape)
         radius = [max(1, r) for r in per_axis(self.window, d, "window", default=1)]
         grid = [hi - lo for lo, hi in crop]
-        return {"zoom": zoom, "weight": weight.to(dtype), "out_size": out_size, "crop": crop, "row0": 0,
-                "acc": torch.zeros(n, 0, *out_size[1:], dtype=dtype, device=device),
-                "wsum": torch.zeros(0, *out_size[1:], dtype=dtype, device=device), "done": 0,
-                "peaks": _ChannelPeaks(n, grid, radius, device)}
+        peaks = _ChannelPeaks(n, grid, radius, device)
+        rows = max(int(stop * zoom[0]) - int(start * zoom[0]) for start, stop in spans) + peaks.box[0]
+        rows = min(rows, out_size[0])
+        return {"zoom": zoom, "weight": weight.to(dtype), "unit": bool((weight == 1).all()), "out_size": out_size,
+                "crop": crop, "row0": 0, "rows": 0, "most_rows": 0, "done": 0,
+                "acc": torch.empty(n, rows, *out_size[1:], dtype=dtype, device=device),
+                "wsum": torch.empty(rows, *out_size[1:], dtype=dtype, device=device), "peaks": peaks}
 
     @staticmethod
     def _grow(state: dict, stop: int) -> None:
-        """Extend the buffers to padded-output row ``stop``."""
-        have = state["row0"] + state["acc"].shape[1]
-        if stop <= have:
+        """Hold padded-output rows up to ``stop``: zero the rows ``rows .. stop - row0`` of the slab
+        buffer (reallocated only where its first size falls short: images padded to the window)."""
+        need = stop - state["row0"]
+        have = state["rows"]
+        if need <= have:
             return
-        extra = stop - have
         acc, wsum = state["acc"], state["wsum"]
-        state["acc"] = torch.cat([acc, acc.new_zeros(acc.shape[0], extra, *acc.shape[2:])], dim=1)
-        state["wsum"] = torch.cat([wsum, wsum.new_zeros(extra, *wsum.shape[1:])], dim=0)
+        if need > acc.shape[1]:
+            bigger = acc.new_empty(acc.shape[0], need, *acc.shape[2:])
+            bigger[:, :have] = acc[:, :have]
+            wbigger = wsum.new_empty(need, *wsum.shape[1:])
+            wbigger[:have] = wsum[:have]
+            state["acc"], state["wsum"] = acc, wsum = bigger, wbigger
+        acc[:, have:need].zero_()
+        wsum[have:need].zero_()
+        state["rows"] = need
+        state["most_rows"] = max(state["most_rows"], need)
+
+    @staticmethod
+    def _drop(state: dict, drop: int) -> None:
+        """Forget the first ``drop`` held rows: move the rest to the front of the buffer, in chunks
+        of at most ``drop`` rows so that no chunk overlaps its destination."""
+        acc, wsum, keep = state["acc"], state["wsum"], state["rows"] - drop
+        for s in range(0, keep, drop):
+            e = min(s + drop, keep)
+            acc[:, s:e] = acc[:, drop + s:drop + e]
+            wsum[s:e] = wsum[drop + s:drop + e]
+        state["rows"] = keep
+        state["row0"] += drop
 
     @staticmethod
     def _finalise(state: dict, final_to: int, last: bool) -> None:
@@ -327,7 +378,9 @@ class StreamingSlidingWindowInferer(Inferer):
         row0, done, crop = state["row0"], state["done"], state["crop"]
         if final_to > done:
             rows = slice(done - row0, final_to - row0)
-            state["acc"][:, rows] /= state["wsum"][rows]
+            wsum = state["wsum"][rows]
+            if not bool((wsum == 1).all()):  # constant blending without overlap: nothing to divide
+                state["acc"][:, rows] /= wsum
             state["done"] = final_to
             lo, hi = max(done, crop[0][0]), min(final_to, crop[0][1])
             if hi > lo:
@@ -336,11 +389,9 @@ class StreamingSlidingWindowInferer(Inferer):
         peaks: _ChannelPeaks = state["peaks"]
         crop = state["crop"]
         final_rows = max(min(state["done"], crop[0][1]) - crop[0][0], 0)
-        view = state["acc"][(slice(None), slice(None), *[slice(a, b) for a, b in crop[1:]])]
+        view = state["acc"][(slice(None), slice(0, state["rows"]), *[slice(a, b) for a, b in crop[1:]])]
         peaks.extract(view, row0 - crop[0][0], final_rows, last)
         keep = peaks.keep_from(final_rows) + crop[0][0]  # padded-output row
         drop = min(keep, state["done"]) - row0
         if drop > 0:
-            state["acc"] = state["acc"][:, drop:].clone()
-            state["wsum"] = state["wsum"][drop:].clone()
-            state["row0"] = row0 + drop
+            StreamingSlidingWindowInferer._drop(state, drop)
