@@ -27,6 +27,7 @@ from heatmark.core.axes import per_axis
 
 __all__ = [
     "ActType",
+    "AutocastSafeConv3d",
     "HeatmapNetwork",
     "act_layer",
     "avg_pool",
@@ -54,6 +55,28 @@ def check_spatial_dims(spatial_dims: int) -> int:
     return int(spatial_dims)
 
 
+class AutocastSafeConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that computes in float32, outside CPU autocast, where its kernel is larger than
+    its input along an axis (the coarse grids of the spatial-configuration component, the deepest
+    levels of a U-Net on small volumes).
+
+    Why: with torch 2.13 on CPUs with native bf16 (AVX-512-BF16/AMX), the bf16 weight gradient of
+    a 3D convolution whose kernel exceeds the input extent along an axis is wrong (NaN in about half
+    the calls, values of no relation to the true gradient in the others), while the forward and the
+    input gradient are right; 2D convolutions and kernels within the input are not affected
+    (``tests/test_networks_bf16.py`` checks the gradients against float32). Such layers work on
+    a few hundred voxels, so float32 costs nothing measurable. Same parameters, ``state_dict`` and
+    outputs as ``nn.Conv3d`` otherwise (exports trace it without autocast: a plain convolution).
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and any(s < k for s, k in zip(input.shape[2:], self.kernel_size))):
+            with torch.autocast("cpu", enabled=False):
+                return super()._conv_forward(input.float(), weight.float(), None if bias is None else bias.float())
+        return super()._conv_forward(input, weight, bias)
+
+
 def conv(
     spatial_dims: int,
     in_channels: int,
@@ -64,13 +87,14 @@ def conv(
 ) -> nn.Module:
     """A 'same'-padded convolution ``(B, in_channels, *S) -> (B, out_channels, *S)``.
 
-    Built with MONAI's ``Conv[Conv.CONV, spatial_dims]`` factory; kernel sizes must be odd so
-    that the output stays aligned with the input voxel grid.
+    Built with MONAI's ``Conv[Conv.CONV, spatial_dims]`` factory (in 3D its subclass
+    :class:`AutocastSafeConv3d`); kernel sizes must be odd so that the output stays aligned with
+    the input voxel grid.
     """
     k = per_axis(kernel_size, spatial_dims, "kernel_size")
     if any(ki < 1 or ki % 2 == 0 for ki in k):
         raise ValueError(f"kernel sizes must be odd and positive (same padding), got {k}")
-    conv_type = Conv[Conv.CONV, spatial_dims]
+    conv_type = AutocastSafeConv3d if spatial_dims == 3 else Conv[Conv.CONV, spatial_dims]
     return conv_type(
         in_channels,
         out_channels,

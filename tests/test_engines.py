@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
+import heatmark
 from heatmark.evaluation import DecodeLandmarksd, LandmarkErrorMetric
 from heatmark.training import (
     AtomicCheckpointSaver,
@@ -49,14 +50,14 @@ def batches(n: int = 4, b: int = 2, seed: int = 0) -> list[dict]:
     return out
 
 
-def make_trainer(loss=None, max_epochs: int = 1, **kwargs) -> tuple[LandmarkTrainer, torch.nn.Module]:
+def make_trainer(loss=None, max_epochs: int = 1, decollate: bool = False, **kwargs) -> tuple[LandmarkTrainer, torch.nn.Module]:
     torch.manual_seed(0)
     net = HeatmapUNet(spatial_dims=2, in_channels=1, num_landmarks=2, filters=4, num_levels=2)
     loss = loss or HeatmapLoss(2, sigma=2.0, gamma=10.0)
     opt = torch.optim.Adam(list(net.parameters()) + list(loss.parameters()), lr=1e-3)
     trainer = LandmarkTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=batches(), network=net,
                               optimizer=opt, loss_function=loss, prepare_batch=LandmarkPrepareBatch(),
-                              decollate=False, **kwargs)
+                              decollate=decollate, **kwargs)
     return trainer, net
 
 
@@ -109,6 +110,27 @@ def test_nonfinite_gradient_is_skipped():
     trainer.run()
     assert trainer.state.nonfinite_steps == 1
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_skipped_step_keeps_the_decollated_output_the_bundles_handlers_read():
+    """The bundles decollate (MONAI does it on MODEL_COMPLETED): a skipped step, non-finite loss or
+    gradient, must leave the same per-case list that the StatsHandler's output_transform reads."""
+    from monai.bundle import ConfigParser
+    from monai.handlers import StatsHandler
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(heatmark.__file__).parent / "configs" / "base.yaml"))
+    stats = next(h for h in parser.get("train")["handlers"] if h.get("_target_") == "StatsHandler")
+    read = eval(stats["output_transform"][1:])  # the bundle's own expression
+    trainer, net = make_trainer(loss=NaNAt(HeatmapLoss(2, sigma=2.0, gamma=10.0), {2}), decollate=True)
+    first = next(net.parameters())
+    first.register_hook(lambda g: g * float("nan") if trainer.state.iteration == 3 else g)
+    StatsHandler(iteration_log=True, output_transform=read).attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(read(e.state.output)))
+    trainer.run()
+    assert trainer.state.nonfinite_steps == 2 and len(seen) == 4
+    assert np.isnan(seen[1]["loss"]) and all(np.isfinite(seen[i]["loss"]) for i in (0, 2, 3))
 
 
 def test_consecutive_nonfinite_steps_stop_with_a_clear_error():

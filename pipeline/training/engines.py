@@ -245,26 +245,28 @@ class LandmarkTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(loss):
             self._nonfinite("loss")
-            return engine.state.output
-        if self.scaler is not None:
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.scaler.unscale_(engine.optimizer)
             if not _grads_finite(self._params()):
                 self.scaler.update()  # lowers the scale; the step is skipped
                 self._nonfinite("gradient")
-                return engine.state.output
-            self.scaler.step(engine.optimizer)
-            self.scaler.update()
+            else:
+                self.scaler.step(engine.optimizer)
+                self.scaler.update()
+                self.state.nonfinite_in_a_row = 0
         else:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             if not _grads_finite(self._params()):
                 self._nonfinite("gradient")
-                return engine.state.output
-            engine.optimizer.step()
+            else:
+                engine.optimizer.step()
+                self.state.nonfinite_in_a_row = 0
+        # fired for a skipped step too: MONAI decollates the output and runs postprocessing on this
+        # event, and the handlers after it (StatsHandler, MLflow) expect that form every iteration
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        self.state.nonfinite_in_a_row = 0
         return engine.state.output
 
 
